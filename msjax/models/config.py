@@ -107,7 +107,14 @@ class ModelConfig:
         return DTYPES[self.dtype]
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with `changes` applied (validated)."""
+        """A copy with `changes` applied (validated).
+
+        A head_dim that was derived as hidden_size // num_heads is derived again when either
+        changes (unless head_dim itself is given).
+        """
+        derived = self.head_dim * self.num_heads == self.hidden_size
+        if derived and "head_dim" not in changes and {"hidden_size", "num_heads"} & set(changes):
+            changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
