@@ -208,9 +208,10 @@ def make_global_batch(local_batch: Any, sharding: jax.sharding.NamedSharding) ->
 
     local_batch: a pytree of np.ndarray [local_batch, ...] holding THIS process's rows; every leaf
       has the same leading size.
-    sharding: NamedSharding whose spec shards dim 0 over the batch mesh axes, e.g.
-      NamedSharding(mesh, P(("data", "fsdp"))). Processes whose devices hold the same rows (mesh
-      axes outside the spec spanning processes) must pass identical rows.
+    sharding: NamedSharding whose spec's first entry shards dim 0 over the batch mesh axes, e.g.
+      `msjax.sharding.batch_sharding(mesh)`; only that entry is used, so leaves of any rank share
+      it and their other dims are replicated. Processes whose devices hold the same rows (mesh
+      axes outside the batch entry spanning processes) must pass identical rows.
     Returns: the same pytree of jax.Array [global_batch, ...], where global_batch is local_batch
       times the number of distinct row blocks across processes (process_count() for pure data
       parallelism). A process's rows land where its devices sit along the batch mesh axes: p-th
@@ -226,6 +227,9 @@ def make_global_batch(local_batch: Any, sharding: jax.sharding.NamedSharding) ->
             f"make_global_batch needs arrays with one shared leading batch size; got shapes "
             f"{shapes}. Give every field the same number of rows."
         )
+    spec = jax.sharding.PartitionSpec(*sharding.spec[:1])
+    rows_sharding = jax.sharding.NamedSharding(sharding.mesh, spec)
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+        lambda x: jax.make_array_from_process_local_data(rows_sharding, np.asarray(x)),
+        local_batch,
     )

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from msjax import distributed
+from msjax import distributed, sharding
 
 ROWS_PER_DEVICE = 2
 FEATURES, OUTPUTS = 3, 4
@@ -59,6 +59,15 @@ def main() -> None:
     step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     (loss, h), grad = step(w_dev, batch)
 
+    # The project's mesh and batch sharding: batch over (data, fsdp), fsdp spanning processes;
+    # leaves of different ranks (a 1-D row weight beside x) share the batch sharding.
+    fsdp_mesh = sharding.make_mesh((1, -1, 1))
+    weights = np.arange(1, n * rows + 1, dtype=np.float32)
+    rows_batch = distributed.make_global_batch(
+        {"x": x[mine], "weight": weights[mine]}, sharding.batch_sharding(fsdp_mesh)
+    )
+    weighted = jax.jit(lambda b: jnp.sum(b["weight"][:, None] * b["x"]) / jnp.sum(b["weight"]))
+
     distributed.sync("child-step-done")
     report = distributed.main_process_only(lambda: "main")()
     result = {
@@ -73,6 +82,7 @@ def main() -> None:
         "h": multihost_utils.process_allgather(h, tiled=True).tolist(),
         "loss": float(loss),
         "grad": multihost_utils.process_allgather(grad, tiled=True).tolist(),
+        "weighted_mean": float(weighted(rows_batch)),
     }
     print("RESULT " + json.dumps(result), flush=True)
 

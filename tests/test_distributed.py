@@ -123,12 +123,13 @@ def test_main_process_helpers_in_single_process(caplog):
 
 def test_make_global_batch_single_process():
     mesh = jax.make_mesh((4, 2), ("data", "tensor"))
-    sharding = NamedSharding(mesh, P("data"))
     local = {"tokens": np.arange(24, dtype=np.int32).reshape(8, 3), "mask": np.ones(8, bool)}
-    out = distributed.make_global_batch(local, sharding)
+    out = distributed.make_global_batch(local, NamedSharding(mesh, P("data", None)))
     np.testing.assert_array_equal(np.asarray(out["tokens"]), local["tokens"])
-    assert out["tokens"].sharding == sharding and out["mask"].shape == (8,)
+    np.testing.assert_array_equal(np.asarray(out["mask"]), local["mask"])
+    assert out["tokens"].sharding.spec == P("data") and out["mask"].sharding.spec == P("data")
     assert out["tokens"].addressable_shards[0].data.shape == (2, 3)
+    assert out["mask"].addressable_shards[0].data.shape == (2,)
 
 
 def test_make_global_batch_rejects_bad_batches():
@@ -213,6 +214,8 @@ def test_two_processes_match_numpy_reference(tmp_path):
     h = np.tanh(x @ w)
     loss = np.mean((h - y) ** 2)
     grad = x.T @ (2.0 * (h - y) * (1.0 - h**2)) / h.size
+    weights = np.arange(1, rows + 1, dtype=np.float64)
+    weighted_mean = np.sum(weights[:, None] * x) / np.sum(weights)
 
     for i, r in enumerate(results):
         assert r["process_index"] == i and r["process_count"] == num_processes
@@ -224,5 +227,6 @@ def test_two_processes_match_numpy_reference(tmp_path):
         np.testing.assert_allclose(r["h"], h, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(r["loss"], loss, rtol=1e-5)
         np.testing.assert_allclose(r["grad"], grad, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(r["weighted_mean"], weighted_mean, rtol=1e-5)
     assert "LOG-LINE from process 0" in results[0]["stderr"]
     assert "LOG-LINE" not in results[1]["stderr"]
