@@ -24,7 +24,7 @@ a preemption or a crash the same command continues the run (watch.sh automates t
                        --env LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true
   --dir DIR            msjax install directory on the workers (default: msjax)
   --log-dir DIR        local directory for the console log (default: logs)
-  -- ARGS              more msjax-train flags, e.g. -- --config.rl.spr_threshold=0.6
+  -- ARGS              more msjax-train flags (config overrides: -- --config.FIELD=VALUE)
   --dry-run            print the commands instead of running them
   -h, --help           this help
 USAGE
