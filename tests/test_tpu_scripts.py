@@ -306,7 +306,9 @@ def test_watch_dry_run_shows_one_round():
 def test_watch_recreates_the_tpu_after_preemption(fake, tmp_path):
     (tmp_path / "preempt").touch()
     args = [*TPU, "--accelerator", "v4-16", "--config", "c.py", "--workdir", "gs://b/r"]
-    proc = run("watch.sh", *args, "--repo", "https://x/m.git", "--poll", "1", env=fake)
+    proc = run(
+        "watch.sh", *args, "--repo", "https://x/m.git", "--poll", "1", env=fake, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     calls = (tmp_path / "calls").read_text().split("\n")[:-1]
     round1 = ["queued-resources describe", "queued-resources create", "queued-resources describe"]
@@ -315,13 +317,16 @@ def test_watch_recreates_the_tpu_after_preemption(fake, tmp_path):
     assert calls == round1 + round2
     assert "preempted" in proc.stderr and "msjax-train finished" in proc.stderr
     assert "train[0] args: --config c.py --config.workdir=gs://b/r" in proc.stdout
+    assert "train[0] args" in (tmp_path / "logs/run1.log").read_text()
 
 
 def test_watch_gives_up_on_repeated_failures(fake, tmp_path):
     (tmp_path / "state").write_text("ACTIVE\n")
     args = [*TPU, "--accelerator", "v4-16", "--config", "c.py", "--workdir", "gs://b/r"]
     env = {**fake, "FAKE_FAIL": "0"}
-    proc = run("watch.sh", *args, "--no-setup", "--max-restarts", "1", "--poll", "1", env=env)
+    proc = run(
+        "watch.sh", *args, "--no-setup", "--max-restarts", "1", "--poll", "1", env=env, cwd=tmp_path
+    )
     assert proc.returncode == 2 and "giving up" in proc.stderr
     calls = (tmp_path / "calls").read_text().split("\n")[:-1]
     assert calls.count("tpu-vm ssh") == 2  # two launches, no setup
