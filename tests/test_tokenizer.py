@@ -1,0 +1,131 @@
+"""Tokenizer wrapper: special ids from config files, step ids, save + transformers round trip."""
+
+import json
+
+import pytest
+from tokenizers import Regex, models, pre_tokenizers
+from tokenizers import Tokenizer as Backend
+
+from msjax.data.synthetic_tokenizer import build_synthetic_tokenizer
+from msjax.tokenizer import MATH_SUFFIX, Tokenizer, chinese_step_ids, render_prompt
+
+TEXTS = [
+    "<｜begin▁of▁sentence｜><｜User｜>Start with 7. Add 5. "
+    + MATH_SUFFIX
+    + "<｜Assistant｜><think>\n",
+    "7 + 5 = 12.\n\n12 * 3 = 36.\n\n</think>\n\nThe answer is \\boxed{36}.<｜end▁of▁sentence｜>",
+    "héllo wörld,  12.\n\n\n 中文。\n  tabs\tand ünïcödé 🙂 \\frac{1}{2}",
+]
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    build_synthetic_tokenizer(path)
+    return path
+
+
+def test_render_prompt_templates():
+    assert render_prompt(" 2+2? ", "r1") == (
+        "<｜begin▁of▁sentence｜><｜User｜>2+2? " + MATH_SUFFIX + "<｜Assistant｜><think>\n"
+    )
+    assert render_prompt("2+2?", "plain") == "2+2? " + MATH_SUFFIX + "\n<think>\n"
+    assert render_prompt("2+2?", "plain", suffix=None) == "2+2?\n<think>\n"
+    assert render_prompt("a {b}", "plain", suffix="") == "a {b}\n<think>\n"
+    with pytest.raises(ValueError, match=r"unknown prompt template 'chatml'.*plain.*r1"):
+        render_prompt("x", "chatml")
+
+
+def test_from_dir_reads_special_ids(synthetic_dir):
+    tok = Tokenizer.from_dir(synthetic_dir)
+    b = tok.backend
+    assert tok.eos_ids == (b.token_to_id("<｜end▁of▁sentence｜>"),)
+    assert tok.bos_id == b.token_to_id("<｜begin▁of▁sentence｜>")
+    assert tok.pad_id == b.token_to_id("<｜▁pad▁｜>")
+    assert tok.think_start_id == b.token_to_id("<think>") is not None
+    assert tok.think_end_id == b.token_to_id("</think>") is not None
+    assert tok.step_ids == (b.token_to_id(".ĊĊ"),)
+    assert tok.vocab_size == b.get_vocab_size(with_added_tokens=True) < 400
+
+
+def test_from_dir_eos_list_and_pad_fallback(synthetic_dir, tmp_path):
+    for name in ("tokenizer.json",):
+        (tmp_path / name).write_bytes((synthetic_dir / name).read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": {"content": "<｜end▁of▁sentence｜>"}})
+    )
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 4, 2]}))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.eos_ids == (2, 4)
+    assert tok.pad_id == 2  # no pad token: the first EOS
+    assert tok.bos_id is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
+    with pytest.raises(ValueError, match="tokenizer_config.json.*'<nope>'"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_missing_files_give_clear_errors(tmp_path, synthetic_dir):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_bytes((synthetic_dir / "tokenizer.json").read_bytes())
+    with pytest.raises(ValueError, match="no EOS token"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def _word_level(vocab: list[str]) -> Backend:
+    b = Backend(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    b.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # characters
+    return b
+
+
+def test_multi_token_delimiter_needs_explicit_step_ids():
+    b = _word_level(["[UNK]", ".", "\n", "</s>"])  # ".\n\n" is not one token here
+    with pytest.raises(ValueError, match="encodes to .* tokens.*step_ids"):
+        Tokenizer(b, eos_ids=[3])
+    tok = Tokenizer(b, eos_ids=[3], step_ids=[1])
+    assert tok.step_ids == (1,)
+    with pytest.raises(ValueError, match="step_ids"):
+        Tokenizer(b, eos_ids=[3], step_ids=[99])
+
+
+def test_chinese_step_mode_selects_short_newline_tokens():
+    vocab = ["[UNK]", "\n", "。", "ab\n", "abcd\n", "x。", "abc", "好。\n\n", "</s>"]
+    b = _word_level(vocab)
+    # <= 4 characters and containing "\n" or "。": by hand.
+    assert chinese_step_ids(b) == (1, 2, 3, 5, 7)
+    tok = Tokenizer(b, eos_ids=[8], step_mode="chinese")
+    assert tok.step_ids == (1, 2, 3, 5, 7)
+    with pytest.raises(ValueError, match="step_mode"):
+        Tokenizer(b, eos_ids=[8], step_mode="klingon")
+
+
+def test_save_round_trips_with_transformers(synthetic_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = Tokenizer.from_dir(synthetic_dir)
+    ours.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert hf(text, add_special_tokens=False)["input_ids"] == ids
+        assert hf(text)["input_ids"] == ours.encode(text, add_special_tokens=True)
+        assert hf.decode(ids) == ours.decode(ids) == text
+        assert hf.decode(ids, skip_special_tokens=True) == ours.decode(
+            ids, skip_special_tokens=True
+        )
+    assert (hf.eos_token_id, hf.bos_token_id, hf.pad_token_id) == (
+        ours.eos_id,
+        ours.bos_id,
+        ours.pad_id,
+    )
+    again = Tokenizer.from_dir(tmp_path)
+    assert (again.eos_ids, again.bos_id, again.pad_id, again.step_ids) == (
+        ours.eos_ids,
+        ours.bos_id,
+        ours.pad_id,
+        ours.step_ids,
+    )
