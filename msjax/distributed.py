@@ -109,9 +109,12 @@ def on_cloud_tpu(environ: Mapping[str, str] | None = None) -> bool:
         return False
     if any(env.get(k) for k in _TPU_ENV_MARKERS):
         return True
-    from jax._src import hardware_utils  # the check JAX itself runs at start-up
+    try:  # the PCI check JAX itself runs at start-up (private module, hence the guard)
+        from jax._src import hardware_utils
 
-    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except (ImportError, AttributeError, OSError):
+        return False
 
 
 def initialize(
