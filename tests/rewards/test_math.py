@@ -162,20 +162,19 @@ def test_pathological_answer_finishes_within_timeout():
 
 
 def test_hung_worker_is_replaced_and_counted():
-    with MathVerifier(num_workers=1, timeout_s=1.0, compare_fn=_sleepy_compare) as v:
-        # None of these is decided by the fast path, so all go to the workers.
-        responses = [B("hang+1"), B("a+b"), B("hang-2"), B("a-b")]
-        golds = ["1+hang", "b+a", "x", "b+a"]
-        rewards = v.verify_batch(responses, golds, finished=[True, True, False, True])
-        np.testing.assert_array_equal(rewards, [0.0, 1.0, 0.0, 0.0])
-        c = v.counters()
-        assert (c["verified"], c["timeouts"], c["replaced"], c["errors"]) == (4, 2, 2, 0)
-        np.testing.assert_array_equal(v.verify_batch([B("c*d")], ["d*c"]), [1.0])
     with MathVerifier(
         num_workers=1, timeout_s=1.0, compare_fn=_sleepy_compare, missing_eos_reward=0.1
     ) as v:
-        rewards = v.verify_batch([B("hang+1"), B("p*q")], ["1", "x"], finished=[False, True])
-        np.testing.assert_allclose(rewards, [0.1, 0.0])
+        # None of these is decided by the fast path, so all go to the workers.
+        responses = [B("hang+1"), B("a+b"), B("hang-2"), B("a-b"), B("p*q")]
+        golds = ["1+hang", "b+a", "x", "b+a", "x"]
+        finished = [True, True, False, True, False]
+        rewards = v.verify_batch(responses, golds, finished=finished)
+        # A timed-out item is wrong: 0, or the missing-EOS reward when unfinished.
+        np.testing.assert_allclose(rewards, [0.0, 1.0, 0.1, 0.0, 0.1])
+        c = v.counters()
+        assert (c["verified"], c["timeouts"], c["replaced"], c["errors"]) == (5, 2, 2, 0)
+        np.testing.assert_array_equal(v.verify_batch([B("c*d")], ["d*c"]), [1.0])
 
 
 def test_bad_batch_arguments():
