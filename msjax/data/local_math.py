@@ -310,7 +310,7 @@ def build_local_math(
     )
     with quiet(not progress):
         builder = LocalMath(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
-        ds = prepare(builder, params, overwrite=overwrite, progress=progress, manual_dir=manual_dir)
+        ds = prepare(builder, params, overwrite=overwrite, manual_dir=manual_dir)
     if verbose:
         print(format_summary(ds.metadata.get("summary", {})))
     return ds

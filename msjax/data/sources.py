@@ -36,18 +36,21 @@ class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
 @contextlib.contextmanager
 def quiet(enabled: bool = True) -> Iterator[None]:
-    """Silences TFDS's console chatter (its banner on stdout, absl info/warnings)."""
+    """Silences TFDS's console chatter (banner on stdout, progress bars, absl info/warnings);
+    the progress bars are switched back on (TFDS's default) afterwards."""
     if not enabled:
         yield
         return
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
+    tfds.display_progress_bar(False)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         absl_logger.setLevel(level)
+        tfds.display_progress_bar(True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +84,6 @@ def prepare(
     params: Mapping[str, Any],
     *,
     overwrite: bool = False,
-    progress: bool = False,
     manual_dir: str | os.PathLike | None = None,
 ) -> BuiltDataset:
     """Writes `builder`'s splits (made with file_format="array_record") unless a build with the
@@ -101,7 +103,6 @@ def prepare(
         shutil.rmtree(path)
     elif stored is None and path.exists():
         shutil.rmtree(path)  # an unfinished build: TFDS renames its temp folder only at the end
-    tfds.display_progress_bar(progress)
     builder.info.metadata["params"] = params
     config = tfds.download.DownloadConfig(
         manual_dir=None if manual_dir is None else str(manual_dir)

@@ -106,4 +106,4 @@ def build_synthetic_steps(
         builder = SyntheticSteps(
             config=config, data_dir=os.fspath(data_dir), file_format="array_record"
         )
-        return prepare(builder, config.params(), overwrite=overwrite, progress=progress)
+        return prepare(builder, config.params(), overwrite=overwrite)
