@@ -78,15 +78,27 @@ class SPRMHead(nnx.Module):
     def __call__(self, h: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         """h: [..., C] penultimate hidden states -> f32[...] step logits.
 
-        Dropout is active only when `dropout_rng` is given (training).
+        Dropout is active only when `dropout_rng` is given (training): one PRNG key, or one key
+        per row of h (shape [batch] typed or [batch, 2] raw) so that a row's mask does not depend
+        on how the batch is split into micro-batches or over devices.
         """
         h = scale_gradient(h, self.grad_scale).astype(jnp.float32)
         z = jax.nn.relu(h @ self.w1.value.astype(jnp.float32) + self.b1.value.astype(jnp.float32))
         if dropout_rng is not None and self.dropout > 0:
-            keep = jax.random.bernoulli(dropout_rng, 1.0 - self.dropout, z.shape)
+            keep = _dropout_keep(dropout_rng, z.shape, 1.0 - self.dropout)
             z = jnp.where(keep, z / (1.0 - self.dropout), 0.0)
         out = z @ self.w2.value.astype(jnp.float32) + self.b2.value.astype(jnp.float32)
         return out[..., 0]
+
+
+def _dropout_keep(rng: jax.Array, shape, keep_prob: float) -> jax.Array:
+    """bool[shape] keep mask from one key, or from per-row keys (vmapped over leading axes)."""
+    rng = jnp.asarray(rng)
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    batch_dims = rng.ndim if typed else rng.ndim - 1
+    if batch_dims == 0:
+        return jax.random.bernoulli(rng, keep_prob, shape)
+    return jax.vmap(lambda k: _dropout_keep(k, shape[1:], keep_prob))(rng)
 
 
 def step_mask(

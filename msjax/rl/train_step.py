@@ -1,0 +1,349 @@
+"""ONE jitted train step for GRPO + SPR: forward, every loss, gradients, two optimizers.
+
+The batch holds full sequences (prompt left-padded, response right-padded), as the sampler
+produces them; every per-token array is aligned with `tokens` (entry t is about token t):
+
+    tokens      int32[batch, seq]    prompt + response ids
+    positions   int32[batch, seq]    RoPE positions (number of real tokens before t)
+    valid       bool[batch, seq]     real tokens (not padding)
+    loss_mask   bool[batch, seq]     response tokens whose log-prob is trained
+    old_logp    f32[batch, seq]      log-probs under the sampling policy (from the sampler)
+    ref_logp    f32[batch, seq]      log-probs under the frozen reference (zeros when kl_coef=0)
+    advantages  f32[batch]           GRPO advantages
+    labels      f32[batch]           outcome labels (1 correct, 0 wrong) for the SPR loss
+    step_mask   bool[batch, seq]     positions the SPRM scores (msjax.models.step_mask)
+
+    loss = spr_coef * L_SPR + L_pg - entropy_coef * entropy + kl_coef * KL
+
+Gradient accumulation runs k micro-batches in a `lax.scan` inside the jit. Micro-batch i takes
+rows i, i+k, i+2k, ... so every micro-batch stays spread over all data-parallel devices. All
+aggregates use full-batch normalisers, and the SPR class counts come from a forward pre-pass over
+the whole mini-batch (`spr_stats_scope="minibatch"`, exact, one extra forward when k > 1;
+"microbatch" counts per micro-batch instead), so k micro-batches equal one large batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from msjax import sharding as sh
+from msjax.rl import grpo, spr
+
+BATCH_KEYS = (
+    "tokens",
+    "positions",
+    "valid",
+    "loss_mask",
+    "old_logp",
+    "ref_logp",
+    "advantages",
+    "labels",
+    "step_mask",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Static settings of the train step (REFERENCE sections 3-4 defaults)."""
+
+    clip_eps: float = 0.2
+    kl_coef: float = 0.001
+    entropy_coef: float = 0.001
+    spr_coef: float = 1.0
+    spr_variant: str = "spr"
+    spr_threshold: float = 0.5
+    aggregation: str = "token-mean"
+    temperature: float = 1.0
+    logprob_chunk: int = 1024
+    num_microbatches: int = 1
+    spr_stats_scope: str = "minibatch"
+
+    def __post_init__(self):
+        if self.aggregation not in grpo.AGGREGATIONS:
+            raise ValueError(
+                f"LossConfig.aggregation={self.aggregation!r}; choose one of {grpo.AGGREGATIONS}."
+            )
+        if self.spr_variant not in spr.VARIANTS:
+            raise ValueError(
+                f"LossConfig.spr_variant={self.spr_variant!r}; choose one of {spr.VARIANTS}."
+            )
+        if not 0.0 < self.spr_threshold < 1.0:
+            raise ValueError(f"LossConfig.spr_threshold={self.spr_threshold} must be in (0, 1).")
+        if self.spr_stats_scope not in ("minibatch", "microbatch"):
+            raise ValueError("LossConfig.spr_stats_scope must be 'minibatch' or 'microbatch'.")
+        if self.num_microbatches < 1 or self.logprob_chunk < 1:
+            raise ValueError("LossConfig.num_microbatches and logprob_chunk must be >= 1.")
+        if self.temperature <= 0:
+            raise ValueError("LossConfig.temperature must be > 0 (use 1.0 for greedy rollouts).")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """step: int32[] applied updates; params: pure dict; opt_state: optax state; rng: uint32[2]."""
+
+    step: jax.Array
+    params: dict
+    opt_state: Any
+    rng: jax.Array
+
+
+def init_train_state(params: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh TrainState (call under jit with out_shardings to create it sharded)."""
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
+
+
+def _dict_path(path) -> tuple:
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def train_state_shardings(abstract_state: TrainState, param_shardings: dict, mesh) -> TrainState:
+    """Shardings for a TrainState: optimizer moments follow their parameter, the rest replicated."""
+    by_path = {
+        _dict_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+    }
+    rep = sh.replicated(mesh)
+
+    def for_leaf(path, leaf):
+        names = _dict_path(path)
+        for i in range(len(names)):
+            s = by_path.get(names[i:])
+            if s is not None and len(s.spec) <= len(getattr(leaf, "shape", ())):
+                return s
+        return rep
+
+    opt = jax.tree_util.tree_map_with_path(for_leaf, abstract_state.opt_state)
+    return TrainState(rep, param_shardings, opt, rep)
+
+
+def batch_shardings(mesh, batch: dict) -> dict:
+    """Every batch array is split over (data, fsdp) along its leading axis."""
+    return {k: sh.batch_sharding(mesh, jnp.ndim(v)) for k, v in batch.items()}
+
+
+def _forward(graphdef, params, mb, cfg: LossConfig, dropout_rng, with_logp: bool):
+    """Model forward on one micro-batch -> dict of per-token log-probs/entropy and step logits."""
+    model = nnx.merge(graphdef, params)
+    out = model(mb["tokens"], mb["positions"], mb["valid"], compute_logits=False)
+    res = {"step_logits": model.step_logits(out.penultimate, dropout_rng)}
+    res["step_logits_eval"] = jax.lax.stop_gradient(model.step_logits(out.penultimate))
+    if with_logp:
+        logp, ent = grpo.chunked_log_probs_and_entropy(
+            out.hidden[:, :-1],
+            model.backbone.unembedding(),
+            mb["tokens"][:, 1:],
+            cfg.logprob_chunk,
+            temperature=cfg.temperature,
+        )
+        res["logp"] = jnp.pad(logp, ((0, 0), (1, 0)))
+        res["entropy"] = jnp.pad(ent, ((0, 0), (1, 0)))
+    return res
+
+
+def _micro_losses(graphdef, params, mb, norms, spr_stats, cfg: LossConfig, dropout_rng):
+    """(total loss, metrics) of one micro-batch; metrics are additive over micro-batches."""
+    f = _forward(graphdef, params, mb, cfg, dropout_rng, with_logp=True)
+    mask = mb["loss_mask"]
+    pg, pg_m = grpo.ppo_clip_loss(
+        f["logp"],
+        mb["old_logp"],
+        mb["advantages"],
+        mask,
+        cfg.clip_eps,
+        aggregation=cfg.aggregation,
+        normalizer=norms["tokens"],
+    )
+    agg = lambda x: grpo.masked_aggregate(x, mask, cfg.aggregation, norms["tokens"])
+    entropy = agg(f["entropy"])
+    kl = agg(grpo.k3_kl(f["logp"], mb["ref_logp"])) if cfg.kl_coef else jnp.zeros(())
+    spr_loss, spr_m = spr.spr_loss(
+        f["step_logits"],
+        mb["step_mask"],
+        mb["labels"],
+        variant=cfg.spr_variant,
+        threshold=cfg.spr_threshold,
+        stats=spr_stats,
+    )
+    total = cfg.spr_coef * spr_loss + pg - cfg.entropy_coef * entropy + cfg.kl_coef * kl
+    traj = spr.trajectory_scores(f["step_logits_eval"], mb["step_mask"])
+    rows = norms["rows"]
+    correct = mb["labels"] > 0.5
+    metrics = {
+        "loss": total,
+        "pg_loss": pg,
+        "entropy": entropy,
+        "kl": kl,
+        "spr_loss": spr_loss,
+        **{f"pg_{k}": v for k, v in pg_m.items()},
+        **{f"spr_{k}": v for k, v in spr_m.items()},
+        "score_sum_correct": jnp.sum(jnp.where(correct, traj, 0.0)),
+        "score_sum_wrong": jnp.sum(jnp.where(correct, 0.0, traj)),
+        "n_correct": jnp.sum(correct.astype(jnp.float32)),
+        "reward_mean": jnp.sum(mb["labels"]) / rows,
+    }
+    return total, metrics
+
+
+def _split_micro(batch: dict, k: int) -> dict:
+    """[B, ...] -> [k, B/k, ...] with micro-batch i = rows i, i+k, ... (stays device-spread)."""
+
+    def split(x):
+        b = x.shape[0]
+        x = x.reshape(b // k, k, *x.shape[1:]).swapaxes(0, 1)
+        return sh.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    cfg: LossConfig,
+    *,
+    mesh=None,
+    state_shardings: TrainState | None = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Builds `train_step(state, batch) -> (state, metrics)`, jitted, state donated.
+
+    With a mesh, `state_shardings` (from `train_state_shardings`) fixes the in/out shardings of
+    the state and the batch is split over (data, fsdp). Non-finite loss or gradients leave the
+    state untouched (metrics["update_skipped"] = 1).
+    """
+    k = cfg.num_microbatches
+
+    def step_fn(state: TrainState, batch: dict):
+        batch = {key: batch[key] for key in BATCH_KEYS}
+        b = batch["tokens"].shape[0]
+        if b % k:
+            raise ValueError(f"Batch of {b} rows does not split into {k} micro-batches.")
+        rng, step_rng = jax.random.split(state.rng)
+        norms = {
+            "tokens": grpo.aggregation_normalizer(batch["loss_mask"], cfg.aggregation),
+            "rows": jnp.asarray(b, jnp.float32),
+        }
+        # One dropout key per ROW: the SPRM dropout masks do not depend on k or on the mesh.
+        row_keys = jax.vmap(lambda i: jax.random.fold_in(step_rng, i))(jnp.arange(b))
+        micro = _split_micro(batch, k)
+        keys = _split_micro(row_keys, k)
+
+        spr_stats = None
+        if k > 1 and cfg.spr_stats_scope == "minibatch" and cfg.spr_coef:
+
+            def pre(_, xs):
+                mb, key = xs
+                f = _forward(graphdef, state.params, mb, cfg, key, with_logp=False)
+                return None, f["step_logits"]
+
+            _, logits = jax.lax.scan(pre, None, (micro, keys))
+            flat = lambda x: x.reshape(b, *x.shape[2:])
+            spr_stats = spr.spr_batch_stats(
+                flat(logits),
+                flat(micro["step_mask"]),
+                flat(micro["labels"]),
+                variant=cfg.spr_variant,
+                threshold=cfg.spr_threshold,
+            )
+
+        grad_fn = jax.value_and_grad(
+            lambda p, mb, key: _micro_losses(graphdef, p, mb, norms, spr_stats, cfg, key),
+            has_aux=True,
+        )
+
+        def accumulate(carry, xs):
+            grads, metrics = carry
+            mb, key = xs
+            (_, m), g = grad_fn(state.params, mb, key)
+            grads = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), grads, g)
+            return (grads, jax.tree.map(jnp.add, metrics, m)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        first = jax.tree.map(lambda x: x[0], (micro, keys))
+        metric_zeros = jax.tree.map(
+            jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.params, *first)[0][1])
+        )
+        (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), (micro, keys))
+
+        grad_norms = {g: optax.global_norm(grads[g]) for g in grads}
+        finite = jnp.isfinite(metrics["loss"]) & jnp.all(
+            jnp.stack([jnp.isfinite(n) for n in grad_norms.values()])
+        )
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = TrainState(
+            state.step + finite.astype(jnp.int32),
+            keep(params, state.params),
+            keep(opt_state, state.opt_state),
+            rng,
+        )
+        n_correct = metrics.pop("n_correct")
+        n_wrong = norms["rows"] - n_correct
+        metrics["score_correct"] = metrics.pop("score_sum_correct") / jnp.maximum(n_correct, 1)
+        metrics["score_wrong"] = metrics.pop("score_sum_wrong") / jnp.maximum(n_wrong, 1)
+        metrics["n_correct"] = n_correct
+        metrics["grad_norm"] = grad_norms["backbone"]
+        metrics["head_grad_norm"] = grad_norms.get("head", jnp.zeros(()))
+        metrics["update_skipped"] = (~finite).astype(jnp.float32)
+        return new_state, metrics
+
+    if mesh is None:
+        return jax.jit(step_fn, donate_argnums=0)
+    rep = NamedSharding(mesh, PartitionSpec())
+    batch_sh = {
+        key: sh.batch_sharding(mesh, 1 if key in ("advantages", "labels") else 2)
+        for key in BATCH_KEYS
+    }
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_sh),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=0,
+    )
+
+    def run(state, batch):
+        with jax.set_mesh(mesh):
+            return jitted(state, {key: batch[key] for key in BATCH_KEYS})
+
+    run.lower = lambda state, batch: _lower(jitted, mesh, state, batch)
+    return run
+
+
+def _lower(jitted, mesh, state, batch):
+    with jax.set_mesh(mesh):
+        return jitted.lower(state, {key: batch[key] for key in BATCH_KEYS})
+
+
+def make_logprob_fn(graphdef, cfg: LossConfig, *, mesh=None, param_shardings=None):
+    """Jitted `logp(params, batch) -> f32[batch, seq]` (forward only, e.g. reference log-probs)."""
+
+    def fn(params, tokens, positions, valid):
+        model = nnx.merge(graphdef, params)
+        out = model(tokens, positions, valid, compute_logits=False)
+        logp, _ = grpo.chunked_log_probs_and_entropy(
+            out.hidden[:, :-1],
+            model.backbone.unembedding(),
+            tokens[:, 1:],
+            cfg.logprob_chunk,
+            temperature=cfg.temperature,
+        )
+        return jnp.pad(logp, ((0, 0), (1, 0)))
+
+    if mesh is None:
+        return jax.jit(fn)
+    b2 = sh.batch_sharding(mesh, 2)
+    jitted = jax.jit(fn, in_shardings=(param_shardings, b2, b2, b2), out_shardings=b2)
+
+    def run(params, tokens, positions, valid):
+        with jax.set_mesh(mesh):
+            return jitted(params, tokens, positions, valid)
+
+    return run
