@@ -1,0 +1,1 @@
+"""Reinforcement learning: GRPO and SPR losses, the train step and the trainer."""
