@@ -17,6 +17,7 @@ the calling thread by default (`num_threads=0`: no grain worker processes, no ab
 from __future__ import annotations
 
 import abc
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -150,11 +151,15 @@ class _Pipeline(abc.ABC):
             "shard_size": per_shard,
         }
         log.info("%s pipeline (shard %d/%d): %s", self.kind, shard_index, shard_count, self.stats)
-        self.fingerprint = {
+        fingerprint = {
             "kind": self.kind,
             "examples": len(lengths),
             "kept": len(keep),
             "max_len": max_len,
+            "buckets": self.buckets,
+            "template": template,
+            "suffix": suffix,
+            "vocab_size": tokenizer.vocab_size,
             "batch_size": batch_size,
             "seed": seed,
             "shuffle": shuffle,
@@ -162,6 +167,7 @@ class _Pipeline(abc.ABC):
             "shard_index": shard_index,
             "shard_count": shard_count,
         }
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # as a restored state holds it
         ds = grain.MapDataset.source([int(i) for i in self.shard])
         if shuffle:
             ds = ds.shuffle(seed=seed)
@@ -173,7 +179,8 @@ class _Pipeline(abc.ABC):
         self._dataset = ds.to_iter_dataset(options)
 
     def __len__(self) -> int:
-        """Batches per epoch in this process (the last partial one included unless dropped)."""
+        """shard_size / batch_size: the batches of one epoch in this process (rounded down when
+        drop_remainder, else up; with several epochs, batches run across epoch boundaries)."""
         if self.drop_remainder:
             return self.stats["shard_size"] // self.batch_size
         return -(-self.stats["shard_size"] // self.batch_size)

@@ -8,7 +8,9 @@ directly follows another one (only the first of a run counts) or opens the span 
 the previous delimiter (counted or not; or the span start) and its own delimiter. In tokens
 (`token_step_labels`): the same rule on token ids, exactly as
 msjax.models.sprm.step_mask(rule="inference") applies it to prompt+response with the response as
-the scorable part, so labels line up 1:1 with SPRM scores.
+the scorable part, so labels line up 1:1 with SPRM scores. The two agree on text in the task's
+format; on odd text (e.g. ".\n\n\n") a tokenizer may not produce the delimiter token where the
+text rule sees one, so evaluate the SPRM with `token_step_labels`.
 
 The labels of step i (0-based), given the problem's operations (op_i, b_i) and gold values v_i:
   - `locally_correct`: the step reads "a op b = c" (integers, any spacing), i is within the
