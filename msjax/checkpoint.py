@@ -230,7 +230,7 @@ def load_model(
     graphdef, abstract = abstract_model(cfg, mesh, rules)
     target = abstract.to_pure_dict()
     if mesh is None:
-        device = SingleDeviceSharding(jax.devices()[0])
+        device = SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), target
         )
@@ -268,11 +268,12 @@ def load_any(
 ) -> tuple[ReflectiveModel, ModelConfig]:
     """Loads an msjax checkpoint directory (`load_model`) or a Hugging Face folder (`load_hf`).
 
-    dtype None means: as saved for an msjax checkpoint, float32 for a Hugging Face folder.
+    dtype None means: as saved for an msjax checkpoint, float32 for a Hugging Face folder;
+    "auto" means as saved for both.
     Raises ValueError when `path` is neither.
     """
     if is_checkpoint_dir(path):
-        return load_model(path, mesh, dtype=dtype, **kwargs)
+        return load_model(path, mesh, dtype=None if dtype == "auto" else dtype, **kwargs)
     if is_hf_dir(path):
         return load_hf(path, mesh, dtype, **kwargs)
     raise ValueError(

@@ -149,7 +149,7 @@ class StatePlacer:
     def __init__(self, abstract_state, mesh=None):
         self.abstract = abstract_state
         self.leaves = {path: var for path, var in nnx.to_flat_state(abstract_state)}
-        default = SingleDeviceSharding(jax.devices()[0])
+        default = SingleDeviceSharding(jax.local_devices()[0])
         self.shardings = {
             path: (var.get_value().sharding if mesh is not None else default)
             for path, var in self.leaves.items()

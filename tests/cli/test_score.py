@@ -22,6 +22,7 @@ from tiny_hf import build_hf, write_tokenizer  # noqa: E402
 from msjax.cli import score as score_cli  # noqa: E402
 from msjax.hf import load_hf  # noqa: E402
 from msjax.scoring import bucket_length, score_texts  # noqa: E402
+from msjax.sharding import make_mesh  # noqa: E402
 from msjax.tokenizer import Tokenizer  # noqa: E402
 
 S = ".\n\n"
@@ -112,6 +113,16 @@ def test_batch_size_and_order_do_not_change_scores(setup):
     for x, y in zip(a, b, strict=True):
         assert x["step_positions"] == y["step_positions"]
         np.testing.assert_allclose(x["step_scores"], y["step_scores"], atol=1e-6)
+
+
+def test_sharded_model_scores_like_one_device(setup):
+    path, _, _, tok, model = setup
+    sharded, _ = load_hf(path, mesh=make_mesh((2, 2, 2)))
+    a = score_texts(model, tok, TEXTS[:4], batch_size=3)
+    b = score_texts(sharded, tok, TEXTS[:4], batch_size=3)  # rows rounded up to 4 (data x fsdp)
+    for x, y in zip(a, b, strict=True):
+        assert x["step_positions"] == y["step_positions"]
+        np.testing.assert_allclose(x["step_scores"], y["step_scores"], atol=1e-5)
 
 
 def test_bucket_lengths():
