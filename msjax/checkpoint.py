@@ -246,7 +246,10 @@ def load_model(
                 f"{root}: no saved step {'' if step is None else step} in {checkpoints_path(root)} "
                 f"(steps: {list(mngr.all_steps())})."
             )
-        saved = _flat_shapes(mngr.item_metadata(step)[PARAMS_ITEM])
+        meta = mngr.item_metadata(step)
+        if meta is None or meta.get(PARAMS_ITEM) is None:
+            raise ValueError(f"{root}: step {step} has no '{PARAMS_ITEM}' item.")
+        saved = _flat_shapes(meta[PARAMS_ITEM])
         wanted = _flat_shapes(target)
         if saved != wanted:
             keys = sorted(set(saved) | set(wanted))

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import msjax.hf.export as export_mod
 from msjax.hf import load_hf, parse_size, save_hf
+from msjax.sharding import make_mesh
 
 TOKENS = np.random.RandomState(1).randint(0, 64, (2, 7)).astype(np.int32)
 DIMS = dict(hidden=32, heads=4, kv_heads=2, intermediate=64, layers=3)
@@ -80,6 +81,15 @@ def test_tokenizer_and_generation_config_travel(src, exported):
 def test_reimport_of_export_gives_the_same_parameters(src, exported):
     again, _ = load_hf(exported)
     np.testing.assert_array_equal(msjax_forward(again, TOKENS)[0], msjax_forward(src[3], TOKENS)[0])
+
+
+def test_export_from_a_model_sharded_on_a_mesh(src, tmp_path):
+    sharded, _ = load_hf(src[0], mesh=make_mesh((2, 2, 2)))
+    out = save_hf(sharded, tmp_path / "from_mesh")
+    a = load_file(str(src[0] / "model.safetensors"))
+    b = load_file(str(out / "model.safetensors"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_sharded_export_loads_in_transformers(src, tmp_path):
