@@ -81,11 +81,11 @@ def test_fp32_logits_and_penultimate_match(case, layout, tmp_path):
         assert np.abs(penult[r, 13 - n :] - alone[r][1][0]).max() <= 1e-4
 
 
-def test_bf16_within_documented_tolerance(case):
-    name, path, (ref_logits, _), _ = case
-    if name not in BF16_CASES:
-        pytest.skip("bf16 is checked on two representative cases to keep the suite fast")
-    ours, cfg = load_hf(path, dtype="bfloat16")
+@pytest.mark.parametrize("name", BF16_CASES)
+def test_bf16_within_documented_tolerance(name, tmp_path):
+    model, _ = build_hf(tmp_path, **CASES[name])
+    ref_logits, _ = _torch(model, TOKENS, VALID, POSITIONS)
+    ours, cfg = load_hf(tmp_path, dtype="bfloat16")
     assert cfg.param_dtype == cfg.dtype == "bfloat16"
     logits, _ = msjax_forward(ours, TOKENS, POSITIONS, VALID)
     assert logits.dtype == np.float32
