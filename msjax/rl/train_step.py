@@ -172,6 +172,10 @@ def _micro_losses(graphdef, params, mb, norms, spr_stats, cfg: LossConfig, dropo
         threshold=cfg.spr_threshold,
         stats=spr_stats,
     )
+    if spr_stats is None and cfg.num_microbatches > 1:
+        # Per-micro-batch statistics ("microbatch" scope): average the k local losses.
+        spr_loss = spr_loss / cfg.num_microbatches
+        spr_m = {k: v / cfg.num_microbatches for k, v in spr_m.items()}
     total = cfg.spr_coef * spr_loss + pg - cfg.entropy_coef * entropy + cfg.kl_coef * kl
     traj = spr.trajectory_scores(f["step_logits_eval"], mb["step_mask"])
     rows = norms["rows"]

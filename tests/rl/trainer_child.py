@@ -1,0 +1,49 @@
+"""Runs the tiny trainer in a child process; optionally signals itself during an RL step.
+
+    python trainer_child.py WORKDIR TOTAL_STEPS [--signal KILL|TERM --at STEP] [--mesh d,f,t]
+
+Used by test_trainer.py to test exact resume after SIGKILL and a clean stop on SIGTERM.
+"""
+
+import argparse
+import os
+import signal
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from experiments.configs.tiny import get_config  # noqa: E402
+from msjax.rl.trainer import Trainer  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("workdir")
+    p.add_argument("total_steps", type=int)
+    p.add_argument("--signal", choices=["KILL", "TERM"])
+    p.add_argument("--at", type=int, default=-1)
+    p.add_argument("--mesh", default="1,-1,1")
+    a = p.parse_args()
+    c = get_config()
+    c.workdir, c.total_steps, c.log.progress = a.workdir, a.total_steps, False
+    c.mesh.update(dict(zip(("data", "fsdp", "tensor"), map(int, a.mesh.split(",")))))
+    trainer = Trainer(c)
+    if a.signal:
+        update = trainer._update
+
+        def update_then_signal(tb):
+            out = update(tb)
+            if trainer.rl_step + 1 == a.at:  # during RL step `at` (1-based), after its update
+                trainer.manager.wait_until_finished()  # the earlier (async) checkpoint has landed
+                os.kill(os.getpid(), getattr(signal, f"SIG{a.signal}"))
+            return out
+
+        trainer._update = update_then_signal
+    trainer.run()
+    trainer.close()
+    print("steps", trainer.manager.all_steps(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
