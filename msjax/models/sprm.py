@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+_LOG_SCORE_FLOOR = math.log(1e-10)
+
 
 @jax.custom_vjp
 def _scale_grad(x, scale):
@@ -172,9 +174,12 @@ def trajectory_score(step_logits: jax.Array, mask: jax.Array) -> jax.Array:
     """Geometric mean of sigmoid(step logits) over the masked steps.
 
     step_logits: f32[batch, n]; mask: bool[batch, n] -> f32[batch]. Step scores are clamped at
-    1e-10 before the log; a trajectory with no step scores 0.
+    1e-10 before the log (computed as max(log_sigmoid(s), log 1e-10): the same value, without
+    the rounding of sigmoid near 1); a trajectory with no step scores 0.
     """
-    logp = jnp.log(jnp.clip(jax.nn.sigmoid(step_logits.astype(jnp.float32)), 1e-10, None))
+    mask = jnp.asarray(mask).astype(bool)
+    s = jnp.where(mask, step_logits.astype(jnp.float32), 0.0)
+    logp = jnp.maximum(jax.nn.log_sigmoid(s), _LOG_SCORE_FLOOR)
     n = mask.sum(axis=-1)
     mean = jnp.where(mask, logp, 0.0).sum(axis=-1) / jnp.maximum(n, 1)
     return jnp.where(n > 0, jnp.exp(mean), 0.0)

@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 
 VARIANTS = ("spr", "bce", "soft")
-_LOG_SCORE_FLOOR = math.log(1e-10)
 
 
 class SPRStats(NamedTuple):
@@ -208,28 +207,13 @@ def spr_loss(
     return loss, metrics
 
 
-def trajectory_scores(step_logits: jax.Array, step_mask: jax.Array) -> jax.Array:
-    """Trajectory score f32[batch]: geometric mean of the real steps' sigmoid scores.
-
-    Step probabilities are clamped at 1e-10 before the log (computed as
-    max(log_sigmoid(s), log 1e-10), the same value with more precision for large logits);
-    a trajectory without any step scores 0 (REFERENCE section 1).
-    """
-    real = jnp.asarray(step_mask).astype(bool)
-    s = jnp.where(real, step_logits.astype(jnp.float32), 0.0)
-    log_scores = jnp.maximum(jax.nn.log_sigmoid(s), _LOG_SCORE_FLOOR)
-    count = jnp.sum(real, axis=-1).astype(jnp.float32)
-    mean_log = jnp.sum(jnp.where(real, log_scores, 0.0), axis=-1) / jnp.maximum(count, 1.0)
-    return jnp.where(count > 0, jnp.exp(mean_log), 0.0)
-
-
 def score_gap_metrics(
     traj_scores: jax.Array, labels: jax.Array, mask: jax.Array | None = None
 ) -> dict[str, jax.Array]:
     """Mean trajectory score of correct and of wrong responses (the "aha moment" curves).
 
     Args:
-      traj_scores: f32[batch] from `trajectory_scores`.
+      traj_scores: f32[batch] from `msjax.models.trajectory_score`.
       labels: f32[batch] 1 correct / 0 wrong.
       mask: optional bool[batch] of rows to count (e.g. to drop padding rows).
 

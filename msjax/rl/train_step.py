@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from msjax import sharding as sh
+from msjax.models.sprm import trajectory_score
 from msjax.rl import grpo, spr
 
 BATCH_KEYS = (
@@ -177,7 +178,7 @@ def _micro_losses(graphdef, params, mb, norms, spr_stats, cfg: LossConfig, dropo
         spr_loss = spr_loss / cfg.num_microbatches
         spr_m = {k: v / cfg.num_microbatches for k, v in spr_m.items()}
     total = cfg.spr_coef * spr_loss + pg - cfg.entropy_coef * entropy + cfg.kl_coef * kl
-    traj = spr.trajectory_scores(f["step_logits_eval"], mb["step_mask"])
+    traj = trajectory_score(f["step_logits_eval"], mb["step_mask"])
     rows = norms["rows"]
     correct = mb["labels"] > 0.5
     metrics = {

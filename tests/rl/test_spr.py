@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from msjax.models.sprm import trajectory_score
 from msjax.rl import spr
 
 # ------------------------------------------------------------------ NumPy references
@@ -213,7 +214,7 @@ def test_sharded_evaluation_equals_single_device():
     @jax.jit
     def evaluate(lg, mk, lb):
         out = all_variants(lg, mk, lb, threshold=0.4)
-        return out, spr.score_gap_metrics(spr.trajectory_scores(lg, mk), lb)
+        return out, spr.score_gap_metrics(trajectory_score(lg, mk), lb)
 
     single = evaluate(logits, mask, labels)
     args = (
@@ -266,7 +267,7 @@ def test_trajectory_scores_match_numpy():
     logits[1, 0] = -40.0  # sigmoid below 1e-10: clamped
     logits[2, :] = 30.0  # every step certain: score 1
     mask[1, 0] = True
-    got = jax.jit(spr.trajectory_scores)(logits, mask)
+    got = jax.jit(trajectory_score)(logits, mask)
     np.testing.assert_allclose(got, np_trajectory_scores(logits, mask), rtol=1e-5)
     assert float(got[0]) == 0.0 and float(got[6]) == 0.0
     np.testing.assert_allclose(got[2], 1.0, rtol=1e-6)
