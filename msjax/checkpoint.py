@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
@@ -63,9 +64,30 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for object-store paths (gs://, s3://): read and written through etils.epath."""
+    return "://" in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """An epath.Path (local paths made absolute); works for local and gs:// directories."""
+    return epath.Path(path) if is_remote(path) else epath.Path(os.path.abspath(path))
+
+
+def local_copy(path: str | os.PathLike) -> Path:
+    """`path` itself when local; for a remote folder, a local temporary copy of its files."""
+    if not is_remote(path):
+        return Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix="msjax-"))
+    for f in epath.Path(path).iterdir():
+        if f.is_file():
+            (tmp / f.name).write_bytes(f.read_bytes())
+    return tmp
+
+
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     """True when `path` holds an msjax.json (an msjax checkpoint directory)."""
-    return (Path(path) / META_NAME).is_file()
+    return (as_path(path) / META_NAME).is_file()
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -74,9 +96,9 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
 
 
-def checkpoints_path(path: str | os.PathLike) -> Path:
+def checkpoints_path(path: str | os.PathLike) -> epath.Path:
     """DIR/checkpoints, the CheckpointManager root."""
-    return Path(path).absolute() / CHECKPOINTS_SUBDIR
+    return as_path(path) / CHECKPOINTS_SUBDIR
 
 
 def checkpoint_manager(path: str | os.PathLike, **options: Any) -> ocp.CheckpointManager:
@@ -91,12 +113,11 @@ def checkpoint_manager(path: str | os.PathLike, **options: Any) -> ocp.Checkpoin
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig stored in DIR/msjax.json; ValueError naming the problem otherwise."""
-    meta_path = Path(path) / META_NAME
+    meta_path = as_path(path) / META_NAME
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: {path} is not an msjax checkpoint.")
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{meta_path} is not valid JSON ({e}).") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -123,10 +144,10 @@ def latest_step(path: str | os.PathLike) -> int | None:
         return m.latest_step()
 
 
-def tokenizer_dir(path: str | os.PathLike) -> Path | None:
+def tokenizer_dir(path: str | os.PathLike) -> epath.Path | None:
     """Where the tokenizer files of a model live: DIR/tokenizer for an msjax checkpoint, the
     folder itself for a Hugging Face folder; None when there is no tokenizer.json."""
-    p = Path(path)
+    p = as_path(path)
     candidate = p / TOKENIZER_SUBDIR if is_checkpoint_dir(p) else p
     return candidate if (candidate / "tokenizer.json").is_file() else None
 

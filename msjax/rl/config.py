@@ -80,6 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
             missing_eos_reward=-1.0,
             reward_workers=2,
             reward_timeout_s=10.0,
+            # Sequences per sampler call (whole groups; bounds the KV cache, which holds
+            # rows x (prompt + response) slots); 0 = all prompts_per_step x group_size at once.
+            max_rows_per_call=0,
         )
     )
     c.train = ml_collections.ConfigDict(
@@ -97,7 +100,8 @@ def default_config() -> ml_collections.ConfigDict:
     del c.loss.temperature
     c.optim = ml_collections.ConfigDict(_fields(OptimizerConfig))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=3, async_save=True))
-    c.log = ml_collections.ConfigDict(dict(tensorboard=True, progress=True))
+    # tensorboard_dir: "" = <workdir>/tensorboard; set a local dir when the workdir is gs://.
+    c.log = ml_collections.ConfigDict(dict(tensorboard=True, tensorboard_dir="", progress=True))
     return c
 
 
@@ -152,6 +156,13 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int = 1) -> None:
         raise ValueError(
             f"config.train.ppo_mini_batch={t.ppo_mini_batch} must divide "
             f"config.rollout.prompts_per_step={r.prompts_per_step}."
+        )
+    if not isinstance(r.max_rows_per_call, int) or r.max_rows_per_call < 0 or (
+        r.max_rows_per_call % r.group_size
+    ):
+        raise ValueError(
+            f"config.rollout.max_rows_per_call={r.max_rows_per_call!r} must be 0 (all rows in one "
+            f"call) or a positive multiple of rollout.group_size={r.group_size}."
         )
     if r.temperature < 0 or not 0 < r.top_p <= 1 or r.top_k < 0:
         raise ValueError("config.rollout: need temperature >= 0, 0 < top_p <= 1, top_k >= 0.")

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,7 +77,7 @@ class Trainer:
         self.mesh = sh.make_mesh(dict(c.mesh))
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         rlc.validate(c, batch_shards=shards)
-        self.workdir = Path(c.workdir).absolute()
+        self.workdir = ckpt.as_path(c.workdir)  # local or gs:// (etils.epath)
         self.loss_cfg = rlc.loss_config(c)
         self.tx = make_optimizer(rlc.optimizer_config(c))
 
@@ -155,7 +156,7 @@ class Trainer:
         c = self.config
         own = self.workdir / ckpt.TOKENIZER_SUBDIR
         if resume_step is not None and (own / "tokenizer.json").is_file():
-            return Tokenizer.from_dir(own)
+            return Tokenizer.from_dir(ckpt.local_copy(own))
         if c.tokenizer == "synthetic":
             return build_synthetic_tokenizer()
         source = c.tokenizer or (ckpt.tokenizer_dir(c.init) if c.init else None)
@@ -164,26 +165,32 @@ class Trainer:
                 "No tokenizer: set config.tokenizer to a folder with tokenizer.json, or "
                 "'synthetic', or start from a model folder that has one (config.init)."
             )
-        return Tokenizer.from_dir(source)
+        return Tokenizer.from_dir(ckpt.local_copy(source))
 
     def _write_workdir_meta(self) -> None:
         if jax.process_index() != 0:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(self.workdir / ckpt.TOKENIZER_SUBDIR)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.tokenizer.save(tmp)
+            target = self.workdir / ckpt.TOKENIZER_SUBDIR
+            target.mkdir(exist_ok=True)
+            for f in Path(tmp).iterdir():
+                (target / f.name).write_bytes(f.read_bytes())
         meta = {
             "format": ckpt.FORMAT,
             "format_version": ckpt.FORMAT_VERSION,
             "model_config": self.model_cfg.to_dict(),
         }
-        tmp = self.workdir / f".{ckpt.META_NAME}.tmp"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.workdir / ckpt.META_NAME)
-        (self.workdir / "config.json").write_text(self.config.to_json(indent=2), encoding="utf-8")
+        (self.workdir / "config.json").write_text(self.config.to_json(indent=2))
+        # msjax.json last: its presence marks the directory as an msjax checkpoint.
+        tmp_meta = self.workdir / f".{ckpt.META_NAME}.tmp"
+        tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp_meta.rename(self.workdir / ckpt.META_NAME)
 
     def _pipeline(self) -> PromptPipeline:
         d = self.config.data
-        data_dir = Path(d.data_dir or self.workdir / "data")
+        data_dir = d.data_dir or os.fspath(self.workdir / "data")
         if d.build_synthetic:
             name, _, config_name = d.name.partition("/")
             if name != "synthetic_steps":
@@ -372,7 +379,11 @@ class Trainer:
     def run(self) -> dict:
         """Trains until config.total_steps (or SIGTERM); returns the last step's metrics."""
         c = self.config
-        writer = MetricsWriter(self.workdir, tensorboard=c.log.tensorboard)
+        writer = MetricsWriter(
+            self.workdir,
+            tensorboard=c.log.tensorboard,
+            tensorboard_dir=c.log.tensorboard_dir or None,
+        )
         previous = signal.signal(signal.SIGTERM, self._request_stop)
         bar = None
         if c.log.progress and jax.process_index() == 0:
