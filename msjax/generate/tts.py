@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from msjax.generate.config import PRUNED
 from msjax.generate.sampler import Sampler, SampleResult
 
 MODES = {"low": 2, "medium": 8, "high": 32}
@@ -99,36 +98,34 @@ def select(
 
 
 # ------------------------------------------------------------------------------------ metrics
-# correct: bool[problems, k]; scores: f32[problems, k]; answers: [problems][k] str | None.
+# Per problem p: correct[p] bools, scores[p] floats, answers[p] str | None, one per candidate
+# (a [problems, k] array, or ragged lists when pruning left different numbers of candidates).
 
 
 def pass_at_1(correct) -> float:
     """Mean correctness of single samples (over every candidate of every problem)."""
-    return float(np.mean(np.asarray(correct, np.float64)))
+    return float(np.mean(np.concatenate([np.asarray(c, np.float64) for c in correct])))
 
 
 def random_at_k(correct) -> float:
-    """Expected accuracy of picking one of the k candidates uniformly at random."""
-    return float(np.mean(np.mean(np.asarray(correct, np.float64), axis=1)))
+    """Expected accuracy of picking one of a problem's candidates uniformly at random."""
+    return float(np.mean([np.mean(np.asarray(c, np.float64)) for c in correct]))
 
 
 def bon_at_k(correct, scores) -> float:
     """Accuracy of the highest-scored candidate (Best-of-N by SPRM score)."""
-    correct = np.asarray(correct, bool)
-    return float(np.mean([correct[p, best_of_n(s)] for p, s in enumerate(scores)]))
+    return float(np.mean([bool(c[best_of_n(s)]) for c, s in zip(correct, scores, strict=True)]))
 
 
 def maj_at_k(correct, answers) -> float:
     """Accuracy of the majority answer."""
-    correct = np.asarray(correct, bool)
-    return float(np.mean([correct[p, vote(a)] for p, a in enumerate(answers)]))
+    return float(np.mean([bool(c[vote(a)]) for c, a in zip(correct, answers, strict=True)]))
 
 
 def weighted_at_k(correct, answers, scores) -> float:
     """Accuracy of the SPRM-score-weighted vote."""
-    correct = np.asarray(correct, bool)
-    picks = [vote(a, s) for a, s in zip(answers, scores, strict=True)]
-    return float(np.mean([correct[p, i] for p, i in enumerate(picks)]))
+    picks = zip(correct, answers, scores, strict=True)
+    return float(np.mean([bool(c[vote(a, s)]) for c, a, s in picks]))
 
 
 # --------------------------------------------------------------------------------- candidates
@@ -201,30 +198,34 @@ def generate_and_select(
     decode: Callable[[list[int]], str],
     extract: Callable[[str], str | None] | None = None,
     method: str = "bon",
-) -> tuple[list[Choice], dict[str, int]]:
+    prompt_ids: Sequence[int] | None = None,
+) -> list[Choice]:
     """Generates k candidates per prompt (pruned early when the sampler has a PruneRule) and
     chooses one per prompt with `method` ("bon", "majority" or "weighted").
 
-    Returns (choices, stats) with stats = {"tokens_generated": generated tokens,
-    "pruned": pruned candidates, "tokens_saved_max": the decode slots left to pruned
-    candidates, an upper bound on the tokens pruning saved}.
+    decode: token ids -> text; extract: text -> final answer (default: last \\boxed{});
+    prompt_ids: passed to the sampler (randomness ids).
     """
     if extract is None:
         from msjax.rewards.math import extract_boxed as extract
     k = resolve_k(k=k)
-    result = sampler(params, [list(p) for p in prompts], n=k, key=key).to_host()
-    groups = candidates_from(result, decode, extract)
+    result = sampler(params, [list(p) for p in prompts], n=k, key=key, prompt_ids=prompt_ids)
     choices = []
-    for group in groups:
+    for group in candidates_from(result, decode, extract):
         eligible = [not c.pruned for c in group]
-        scores = [c.score for c in group]
-        chosen = select(method, scores, [c.answer for c in group], eligible)
+        chosen = select(method, [c.score for c in group], [c.answer for c in group], eligible)
         choices.append(Choice(group, chosen))
-    pruned = result.finish == PRUNED
-    left = result.tokens.shape[1] - result.lengths
-    stats = {
-        "tokens_generated": result.tokens_generated,
-        "pruned": int(pruned.sum()),
-        "tokens_saved_max": int(left[pruned].sum()),
+    return choices
+
+
+def token_stats(choices: Sequence[Choice], max_new_tokens: int) -> dict[str, int]:
+    """{"tokens_generated", "pruned" (candidates), "tokens_saved_max"}: the decode slots left to
+    pruned candidates, an upper bound on what pruning saved (the exact saving needs the same
+    run without pruning)."""
+    cands = [c for ch in choices for c in ch.candidates]
+    pruned = [c for c in cands if c.pruned]
+    return {
+        "tokens_generated": sum(len(c.tokens) for c in cands),
+        "pruned": len(pruned),
+        "tokens_saved_max": sum(max_new_tokens - len(c.tokens) for c in pruned),
     }
-    return choices, stats

@@ -8,7 +8,7 @@ import pytest
 
 from msjax.generate import PruneRule, Sampler, SamplerConfig
 from msjax.generate.pruning import prune_decision
-from msjax.generate.tts import generate_and_select
+from msjax.generate.tts import generate_and_select, token_stats
 
 SCORES = [0.9, 0.5, 0.7, 0.2, 0.3, 0.3, 0.1, 0.8]
 STEPS = [3, 3, 0, 3, 1, 1, 1, 1]
@@ -120,8 +120,8 @@ def test_pruning_saves_tokens_and_keeps_the_choice(make_markov):
         runs[name] = generate_and_select(
             sampler, model, [[START, THINK]], 16, jax.random.key(5), decode=decode, extract=extract
         )
-    (full,), full_stats = runs["full"]
-    (pruned,), stats = runs["pruned"]
+    (full,), (pruned,) = runs["full"], runs["pruned"]
+    full_stats, stats = token_stats([full], 96), token_stats([pruned], 96)
 
     answers = [c.answer for c in full.candidates]
     assert answers.count("B") > answers.count("A") > 0  # the majority is wrong ...
