@@ -99,7 +99,6 @@ def test_msjax_train_cli_logs_reward_and_spr_metrics(tmp_path):
         str(ROOT / "experiments/configs/tiny.py"),
         f"--config.workdir={tmp_path}",
         "--config.total_steps=2",
-        "--config.rollout.group_size=2",
         "--config.log.progress=False",
     ]
     proc = subprocess.run(
