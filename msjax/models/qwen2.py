@@ -86,7 +86,10 @@ class AttentionMask:
 def _attend(q, k, v, allowed, scale):
     """q: [b, t, kv, g, d], k/v: [b, s, kv, d], allowed: bool[b, 1, 1, t, s] -> [b, t, kv, g, d]."""
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(allowed, scores, NEG_INF)
+    # An additive bias on the small [b, 1, 1, t, s] mask instead of a select on the full scores:
+    # the same values (|score| is far below the spacing of floats near NEG_INF, so a masked
+    # score becomes exactly NEG_INF), and the backward pass needs neither the mask nor a select.
+    scores = scores + jnp.where(allowed, 0.0, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
@@ -176,13 +179,19 @@ class MLP(nnx.Module):
         self.dtype = cfg.jnp_dtype
 
     def __call__(self, x):
-        """x: [batch, seq, embed] -> [batch, seq, embed]."""
+        """x: [batch, seq, embed] -> [batch, seq, embed].
+
+        The matmuls run on [batch * seq, ...] rows: the same products, but XLA:CPU computes the
+        weight gradients of 2-D matmuls far faster than those of batched 3-D ones.
+        """
         dt = self.dtype
-        x = x.astype(dt)
+        b, t, c = x.shape
+        x = x.astype(dt).reshape(b * t, c)
         gate = x @ self.gate_kernel.value.astype(dt)
         up = x @ self.up_kernel.value.astype(dt)
-        h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return h @ self.down_kernel.value.astype(dt)
+        h = jax.nn.silu(gate) * up
+        h = constrain(h.reshape(b, t, -1), ("batch", "seq", "mlp")).reshape(b * t, -1)
+        return (h @ self.down_kernel.value.astype(dt)).reshape(b, t, -1)
 
 
 class DecoderLayer(nnx.Module):

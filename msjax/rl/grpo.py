@@ -14,6 +14,8 @@ their losses gets exactly the full-batch loss when every aggregate is given the 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -87,13 +89,60 @@ def entropy_from_logits(logits: jax.Array, *, temperature: float = 1.0) -> jax.A
     return -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
 
 
-def _chunk_log_probs_and_entropy(hidden, unembed, targets, temperature):
-    """Log-probs and entropy of one chunk: hidden [b, k, c] -> (f32[b, k], f32[b, k])."""
-    logits = jnp.einsum("bkc,cv->bkv", hidden, unembed, preferred_element_type=jnp.float32)
-    logp_all = jax.nn.log_softmax(logits / temperature, axis=-1)
+def _chunk_logits(hidden, unembed):
+    """hidden [b, k, c] @ unembed [c, vocab] -> f32[b, k, vocab], as one 2-D matmul (XLA:CPU
+    computes the weight gradient of a 2-D matmul much faster than that of a batched one)."""
+    b, k, c = hidden.shape
+    logits = jnp.dot(hidden.reshape(b * k, c), unembed, preferred_element_type=jnp.float32)
+    return logits.reshape(b, k, -1)
+
+
+def _chunk_log_softmax(hidden, unembed, temperature):
+    """Log-softmax of one chunk's logits: hidden [b, k, c] -> f32[b, k, vocab]."""
+    return jax.nn.log_softmax(_chunk_logits(hidden, unembed) / temperature, axis=-1)
+
+
+def _chunk_forward(hidden, unembed, targets, temperature):
+    logp_all = _chunk_log_softmax(hidden, unembed, temperature)
     logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
     return logp, entropy
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunk_log_probs_and_entropy(hidden, unembed, targets, temperature):
+    """Log-probs and entropy of one chunk: hidden [b, k, c] -> (f32[b, k], f32[b, k]).
+
+    The backward pass recomputes the chunk's logits (only hidden, unembed, targets and the
+    entropy are saved) and applies the closed-form softmax cotangent, with z = logits / T,
+    p = softmax(z), H = entropy:
+        d logp_y / dz = onehot(y) - p,    dH / dz = -p * (log p + H),
+    one fused element-wise pass instead of differentiating log_softmax, the gather and the
+    entropy sum op by op; the two matmul cotangents come from `jax.vjp` of the logits matmul.
+    """
+    return _chunk_forward(hidden, unembed, targets, temperature)
+
+
+def _chunk_fwd(hidden, unembed, targets, temperature):
+    logp, entropy = _chunk_forward(hidden, unembed, targets, temperature)
+    return (logp, entropy), (hidden, unembed, targets, entropy)
+
+
+def _chunk_bwd(temperature, residuals, cotangents):
+    hidden, unembed, targets, entropy = residuals
+    g_logp, g_entropy = (g[..., None] for g in cotangents)
+    logits, matmul_vjp = jax.vjp(_chunk_logits, hidden, unembed)
+    logp_all = jax.nn.log_softmax(logits / temperature, axis=-1)
+    p = jnp.exp(logp_all)
+    is_target = jnp.arange(logp_all.shape[-1]) == targets[..., None]
+    g_z = jnp.where(is_target, g_logp, 0.0) - p * (
+        g_logp + g_entropy * (logp_all + entropy[..., None])
+    )
+    g_hidden, g_unembed = matmul_vjp(g_z / temperature)
+    return g_hidden, g_unembed, None
+
+
+_chunk_log_probs_and_entropy.defvjp(_chunk_fwd, _chunk_bwd)
 
 
 def chunked_log_probs_and_entropy(
@@ -107,9 +156,9 @@ def chunked_log_probs_and_entropy(
     """Target log-probs and entropies without materialising the [batch, seq, vocab] logits.
 
     The sequence is cut into chunks of `chunk` positions; a `lax.scan` over the chunks computes
-    `hidden @ unembed` for one chunk at a time, and `jax.checkpoint` on the scan body makes the
-    backward pass recompute each chunk's logits instead of storing them, so only one chunk's
-    f32[batch, chunk, vocab] logits are live in either pass. The result equals
+    `hidden @ unembed` for one chunk at a time (no scan when one chunk covers the sequence), and
+    each chunk's custom VJP recomputes its logits in the backward pass instead of storing them,
+    so only one chunk's f32[batch, chunk, vocab] logits are live in either pass. The result equals
     `token_log_probs(hidden @ unembed, targets)` and `entropy_from_logits(hidden @ unembed)`.
 
     Args:
@@ -142,10 +191,11 @@ def chunked_log_probs_and_entropy(
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    if n_chunks == 1:
+        return _chunk_log_probs_and_entropy(hidden, unembed, targets, temperature)
     hidden_chunks = hidden.reshape(b, n_chunks, chunk, c).swapaxes(0, 1)
     target_chunks = targets.reshape(b, n_chunks, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
     def body(carry, xs):
         h, y = xs
         return carry, _chunk_log_probs_and_entropy(h, unembed, y, temperature)
