@@ -219,8 +219,9 @@ def make_train_step(
     """Builds `train_step(state, batch) -> (state, metrics)`, jitted, state donated.
 
     With a mesh, `state_shardings` (from `train_state_shardings`) fixes the in/out shardings of
-    the state and the batch is split over (data, fsdp). Non-finite loss or gradients leave the
-    state untouched (metrics["update_skipped"] = 1).
+    the state and the batch is split over (data, fsdp), and `.lower(state, batch)` /
+    `.trace(state, batch)` give the jax.stages objects for AOT compilation. Non-finite loss or
+    gradients leave the state untouched (metrics["update_skipped"] = 1).
     """
     k = cfg.num_microbatches
 
@@ -319,6 +320,7 @@ def make_train_step(
             return jitted(state, {key: batch[key] for key in BATCH_KEYS})
 
     run.lower = lambda state, batch: _lower(jitted, mesh, state, batch)
+    run.trace = lambda state, batch: _trace(jitted, mesh, state, batch)
     return run
 
 
@@ -327,8 +329,15 @@ def _lower(jitted, mesh, state, batch):
         return jitted.lower(state, {key: batch[key] for key in BATCH_KEYS})
 
 
+def _trace(jitted, mesh, state, batch):
+    with jax.set_mesh(mesh):
+        return jitted.trace(state, {key: batch[key] for key in BATCH_KEYS})
+
+
 def make_logprob_fn(graphdef, cfg: LossConfig, *, mesh=None, param_shardings=None):
-    """Jitted `logp(params, batch) -> f32[batch, seq]` (forward only, e.g. reference log-probs)."""
+    """Jitted `logp(params, tokens, positions, valid) -> f32[batch, seq]` (forward only, e.g.
+    reference log-probs); with a mesh it also has `.trace(...)` (same arguments; the
+    jax.stages.Traced gives the jaxpr and `.lower()` for AOT compilation)."""
 
     def fn(params, tokens, positions, valid):
         model = nnx.merge(graphdef, params)
@@ -351,4 +360,9 @@ def make_logprob_fn(graphdef, cfg: LossConfig, *, mesh=None, param_shardings=Non
         with jax.set_mesh(mesh):
             return jitted(params, tokens, positions, valid)
 
+    def trace(params, tokens, positions, valid):
+        with jax.set_mesh(mesh):
+            return jitted.trace(params, tokens, positions, valid)
+
+    run.trace = trace
     return run

@@ -3,7 +3,8 @@
 One `Trainer.run()` loop step ("RL step"):
   1. the next batch of prompts from the grain pipeline (the same global batch on every process),
   2. `group_size` samples per prompt from the jitted sampler, called with the LIVE parameters
-     (old log-probs and SPRM trajectory scores come from it),
+     (old log-probs and SPRM trajectory scores come from it), in calls of at most
+     `rollout.max_rows_per_call` sequences (the KV cache holds one call's rows),
   3. outcome rewards (math verification in a worker pool), GRPO advantages,
   4. reference log-probs of the frozen start policy (skipped when kl_coef = 0),
   5. `ppo_epochs` passes of PPO mini-batch updates with the ONE jitted train step,
@@ -34,13 +35,14 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from msjax import checkpoint as ckpt
 from msjax import sharding as sh
 from msjax.data import build_synthetic_steps, build_synthetic_tokenizer, load_source
 from msjax.data.pipeline import PromptPipeline
 from msjax.generate.config import EOS, FINISH_REASONS, STOP, SamplerConfig
-from msjax.generate.sampler import Sampler
+from msjax.generate.sampler import Sampler, SampleResult
 from msjax.metrics import MetricsWriter
 from msjax.models.reflective import abstract_model, create_model
 from msjax.rewards.math import MathVerifier
@@ -67,6 +69,25 @@ class NonFiniteError(RuntimeError):
 def _to_global(x: np.ndarray, sharding) -> jax.Array:
     """A global array from a host array that every process holds in full."""
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+@jax.jit
+def _copy(tree):
+    """A copy of every array of `tree` (one compiled program, shardings kept)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """bool[]: every element of every array of `tree` is finite (one compiled program)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process) global array, on every process."""
+    if not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 class Trainer:
@@ -97,7 +118,7 @@ class Trainer:
         self.ref_params = None
         if self.loss_cfg.kl_coef:
             # The reference is the start policy, frozen (a real copy: the train step donates).
-            self.ref_params = jax.tree.map(jnp.copy, params)
+            self.ref_params = _copy(params)
         self.state = jax.jit(
             lambda p: init_train_state(p, self.tx, c.seed), out_shardings=self.state_shardings
         )(params)
@@ -262,10 +283,7 @@ class Trainer:
         """Saves the current state as step `rl_step`; refuses a non-finite state."""
         if self.rl_step in self.manager.all_steps():
             return False
-        finite = jax.tree.reduce(
-            lambda a, x: a & jnp.all(jnp.isfinite(x)), self.state.params, jnp.asarray(True)
-        )
-        if not bool(finite):
+        if not bool(_all_finite(self.state.params)):
             log.error("Not saving step %d: the parameters are not finite.", self.rl_step)
             return False
         meta = {
@@ -300,7 +318,7 @@ class Trainer:
         tokens, lengths = batch["prompt_tokens"], batch["prompt_lengths"]
         mask = np.arange(tokens.shape[1])[None] >= tokens.shape[1] - lengths[:, None]
         key = jax.random.fold_in(jax.random.PRNGKey(c.seed), self.rl_step)
-        res = self.sampler(self.state.params, tokens, prompt_mask=mask, n=n, key=key).to_host()
+        res = self._sample(tokens, mask, n, key)
         responses = [self.tokenizer.decode(res.response(r)) for r in range(res.tokens.shape[0])]
         golds = [str(a) for a in np.repeat(batch["answer"], n)]
         finished = np.isin(res.finish, (EOS, STOP))
@@ -333,6 +351,26 @@ class Trainer:
                 metrics[f"finish_{name}"] = float(np.mean(res.finish == code))
         return tb, metrics
 
+    def _sample(self, tokens: np.ndarray, mask: np.ndarray, n: int, key) -> SampleResult:
+        """n samples per prompt with the live params, at most rollout.max_rows_per_call sequences
+        per sampler call (the KV cache holds one call's rows); a host SampleResult. Prompts keep
+        their batch index as sampling id, so the samples do not depend on the split."""
+        per_call = self.config.rollout.max_rows_per_call // n or len(tokens)
+        parts = []
+        for start in range(0, len(tokens), per_call):
+            part = slice(start, start + per_call)
+            ids = np.arange(len(tokens))[part]
+            res = self.sampler(
+                self.state.params,
+                tokens[part],
+                prompt_mask=mask[part],
+                n=n,
+                key=key,
+                prompt_ids=ids,
+            )
+            parts.append(res.to_host())
+        return parts[0] if len(parts) == 1 else jax.tree.map(lambda *x: np.concatenate(x), *parts)
+
     def _update(self, tb: dict) -> dict:
         """PPO epochs over mini-batches of the rollout batch; returns averaged metrics."""
         c = self.config
@@ -340,14 +378,16 @@ class Trainer:
         total = tb["tokens"].shape[0]
         put = lambda x: _to_global(x, sh.batch_sharding(self.mesh, x.ndim))
         if self.ref_params is not None:
+            # One micro-batch per forward: its activations are bounded like the train step's.
+            micro = rows // self.loss_cfg.num_microbatches
             ref = [
-                np.asarray(
+                _to_host(
                     self.logprob_fn(
                         self.ref_params,
-                        *(put(tb[k][i : i + rows]) for k in ("tokens", "positions", "valid")),
+                        *(put(tb[k][i : i + micro]) for k in ("tokens", "positions", "valid")),
                     )
                 )
-                for i in range(0, total, rows)
+                for i in range(0, total, micro)
             ]
             tb["ref_logp"] = np.concatenate(ref).astype(np.float32)
         sums: dict[str, float] = {}

@@ -1,11 +1,14 @@
 """Runs the tiny trainer in a child process; optionally signals itself during an RL step.
 
     python trainer_child.py WORKDIR TOTAL_STEPS [--signal KILL|TERM --at STEP] [--mesh d,f,t]
+        [--rows_per_call R]
 
-Used by test_trainer.py to test exact resume after SIGKILL and a clean stop on SIGTERM.
+Used by test_trainer.py to test exact resume after SIGKILL and a clean stop on SIGTERM, and by
+test_trainer_distributed.py as one process of a multi-process run (MSJAX_* variables set).
 """
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -14,6 +17,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from experiments.configs.tiny import get_config  # noqa: E402
+from msjax import distributed  # noqa: E402
 from msjax.rl.trainer import Trainer  # noqa: E402
 
 
@@ -24,9 +28,17 @@ def main():
     p.add_argument("--signal", choices=["KILL", "TERM"])
     p.add_argument("--at", type=int, default=-1)
     p.add_argument("--mesh", default="1,-1,1")
+    p.add_argument("--rows_per_call", type=int, default=0)
     a = p.parse_args()
+    distributed.initialize(timeout_s=120)  # multi-process when the MSJAX_* variables are set
+    logging.basicConfig()  # a stderr handler unless one is already installed
+    logging.getLogger().setLevel(logging.INFO)
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    distributed.log_from_main_process_only()
     c = get_config()
     c.workdir, c.total_steps, c.log.progress = a.workdir, a.total_steps, False
+    c.rollout.max_rows_per_call = a.rows_per_call
     c.mesh.update(dict(zip(("data", "fsdp", "tensor"), map(int, a.mesh.split(",")))))
     trainer = Trainer(c)
     if a.signal:

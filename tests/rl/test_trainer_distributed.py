@@ -1,0 +1,124 @@
+"""The tiny trainer as 2 processes on loopback (gloo) equals 1 process with the same 2 devices.
+
+Process p of the 2-process run owns CPU device p; the single-process reference owns both. Both
+sample in calls of 8 sequences (rollout.max_rows_per_call), so the multi-process path of chunked
+rollouts is exercised too. The 2-process run stops at RL step 2 (checkpoint written by both
+processes), is started again and resumes (checkpoint restored by both) to step 3. All children
+share a persistent compilation cache, so the restart compiles nothing.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from msjax import checkpoint as ckpt
+from msjax.metrics import read_metrics
+
+CHILD = Path(__file__).with_name("trainer_child.py")
+PHASE_TIMEOUT_S = 400
+ROWS_PER_CALL = "8"  # tiny: 4 prompts x 4 samples = 16 rollouts -> 2 sampler calls
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(cache: Path, devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    for key in ("MSJAX_COORDINATOR_ADDRESS", "MSJAX_NUM_PROCESSES", "MSJAX_PROCESS_ID"):
+        env.pop(key, None)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    return env
+
+
+def _start(workdir: Path, total: int, env: dict, log: Path) -> subprocess.Popen:
+    args = [sys.executable, str(CHILD), str(workdir), str(total), "--mesh", "1,2,1"]
+    with log.open("w") as f:
+        return subprocess.Popen(
+            [*args, "--rows_per_call", ROWS_PER_CALL],
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=log.parent,
+        )
+
+
+def _distributed(workdir: Path, total: int, cache: Path, logs: Path, tag: str) -> list:
+    """Starts the 2 processes of one multi-process run (1 CPU device each)."""
+    address = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for pid in range(2):
+        env = _env(cache, 1)
+        env.update(
+            MSJAX_COORDINATOR_ADDRESS=address, MSJAX_NUM_PROCESSES="2", MSJAX_PROCESS_ID=str(pid)
+        )
+        procs.append(_start(workdir, total, env, logs / f"{tag}-p{pid}.log"))
+    return procs
+
+
+def _wait(procs: list, logs: list[Path]) -> None:
+    """Waits for all; on a failure, a hang or the deadline kills the rest and fails with logs."""
+    deadline = time.monotonic() + PHASE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+            break
+        time.sleep(0.5)
+    hung = [p for p in procs if p.poll() is None]
+    for p in hung:
+        p.kill()
+        p.wait()
+    bad = [i for i, p in enumerate(procs) if p in hung or p.returncode != 0]
+    if bad:
+        detail = "\n".join(
+            f"--- {logs[i].name} (rc={procs[i].returncode}, hung={procs[i] in hung}):\n"
+            + logs[i].read_text()[-3000:]
+            for i in bad
+        )
+        raise AssertionError(f"trainer children failed:\n{detail}")
+
+
+def _params(workdir: Path, step: int) -> list[np.ndarray]:
+    model, _ = ckpt.load_model(workdir, step=step)
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))]
+
+
+def test_two_processes_train_and_resume_like_one(tmp_path):
+    cache, logs = tmp_path / "jax_cache", tmp_path / "logs"
+    logs.mkdir()
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    # Phase 1: the reference (3 RL steps) and the 2-process run to step 2, side by side.
+    ref = _start(single, 3, _env(cache, 2), logs / "single.log")
+    procs = _distributed(multi, 2, cache, logs, "run1")
+    _wait([ref, *procs], [logs / "single.log", logs / "run1-p0.log", logs / "run1-p1.log"])
+    assert ckpt.latest_step(multi) == 2
+    # Phase 2: both processes restore step 2 and train step 3.
+    procs = _distributed(multi, 3, cache, logs, "run2")
+    _wait(procs, [logs / "run2-p0.log", logs / "run2-p1.log"])
+
+    for step in (2, 3):
+        for a, b in zip(_params(single, step), _params(multi, step), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    # Metrics come from process 0 only: one row per step across both starts.
+    assert [r["step"] for r in read_metrics(multi)] == [1, 2, 3]
+    single_rows = {r["step"]: r for r in read_metrics(single)}
+    for row in read_metrics(multi):
+        assert row["reward"] == single_rows[row["step"]]["reward"]
+    # Logs too: the resume message appears in process 0's output only.
+    assert "Resumed" in (logs / "run2-p0.log").read_text()
+    assert "Resumed" not in (logs / "run2-p1.log").read_text()
