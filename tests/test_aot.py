@@ -83,3 +83,28 @@ def test_bad_inputs_fail_before_compiling():
     c.mesh.update(fsdp=1, tensor=4)  # tiny has 2 KV heads: 4-way tensor parallelism fails
     with pytest.raises(ValueError, match="does not divide"):
         plan(c, "v5e-4")
+
+
+def test_the_model_comes_from_config_init_when_set(tmp_path):
+    """With --config.init, the planner compiles that checkpoint's architecture (msjax.json
+    only: no weights are read), with the recipe's runtime overrides applied."""
+    import json
+
+    from msjax import checkpoint as ckpt
+    from msjax.aot import _model_config
+    from msjax.models import ModelConfig
+
+    saved = ModelConfig(
+        vocab_size=256, hidden_size=48, intermediate_size=96, num_layers=3, num_heads=4,
+        num_kv_heads=1,
+    )  # fmt: skip
+    meta = {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION}
+    meta["model_config"] = saved.to_dict()
+    (tmp_path / ckpt.META_NAME).write_text(json.dumps(meta))
+    c = get_config()
+    c.init = str(tmp_path)
+    c.model_overrides.update(remat="full", dtype="bfloat16")
+    cfg = _model_config(c)
+    assert cfg == saved.replace(remat="full", dtype="bfloat16", param_dtype="bfloat16")
+    c.init = ""
+    assert _model_config(c).hidden_size == get_config().model.hidden_size

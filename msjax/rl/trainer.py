@@ -311,6 +311,14 @@ class Trainer:
         log.warning("Signal %d: saving at the end of this step, then stopping.", signum)
         self._stop_requested = True
 
+    def _stop_agreed(self) -> bool:
+        """True when any process got SIGTERM: every process then stops after the same step
+        (and saves it together), instead of one waiting forever in the next step's collectives."""
+        if jax.process_count() == 1:
+            return self._stop_requested
+        requested = multihost_utils.process_allgather(np.asarray(self._stop_requested))
+        return bool(np.any(requested))
+
     def rollout(self, batch: dict) -> tuple[dict, dict]:
         """Samples, scores and rewards one prompt batch -> (train batch, rollout metrics)."""
         c = self.config
@@ -439,7 +447,8 @@ class Trainer:
             else c.rollout.missing_eos_reward,
         )
         try:
-            while self.rl_step < c.total_steps and not self._stop_requested:
+            stop = False
+            while self.rl_step < c.total_steps and not (stop := self._stop_agreed()):
                 t0 = time.perf_counter()
                 tb, roll_m = self.rollout(next(self.data_iter))
                 t1 = time.perf_counter()
@@ -463,7 +472,7 @@ class Trainer:
                     )
                 if self.rl_step % c.checkpoint.every_steps == 0 or self.rl_step == c.total_steps:
                     self.save()
-            if self._stop_requested:
+            if stop:
                 self.save(force=True)
         finally:
             self.manager.wait_until_finished()

@@ -2,9 +2,10 @@
 
 Process p of the 2-process run owns CPU device p; the single-process reference owns both. Both
 sample in calls of 8 sequences (rollout.max_rows_per_call), so the multi-process path of chunked
-rollouts is exercised too. The 2-process run stops at RL step 2 (checkpoint written by both
-processes), is started again and resumes (checkpoint restored by both) to step 3. All children
-share a persistent compilation cache, so the restart compiles nothing.
+rollouts is exercised too. In the 2-process run only process 1 gets SIGTERM, during RL step 2:
+both processes must agree to stop after that step (else process 0 would wait forever in step 3's
+collectives) with the checkpoint of step 2 written by both; started again, both restore it and
+train step 3. All children share a persistent compilation cache, so the restart compiles nothing.
 """
 
 import os
@@ -46,8 +47,8 @@ def _env(cache: Path, devices: int) -> dict:
     return env
 
 
-def _start(workdir: Path, total: int, env: dict, log: Path) -> subprocess.Popen:
-    args = [sys.executable, str(CHILD), str(workdir), str(total), "--mesh", "1,2,1"]
+def _start(workdir: Path, total: int, env: dict, log: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, str(CHILD), str(workdir), str(total), "--mesh", "1,2,1", *extra]
     with log.open("w") as f:
         return subprocess.Popen(
             [*args, "--rows_per_call", ROWS_PER_CALL],
@@ -58,7 +59,7 @@ def _start(workdir: Path, total: int, env: dict, log: Path) -> subprocess.Popen:
         )
 
 
-def _distributed(workdir: Path, total: int, cache: Path, logs: Path, tag: str) -> list:
+def _distributed(workdir: Path, total: int, cache: Path, logs: Path, tag: str, *extra) -> list:
     """Starts the 2 processes of one multi-process run (1 CPU device each)."""
     address = f"127.0.0.1:{_free_port()}"
     procs = []
@@ -67,7 +68,7 @@ def _distributed(workdir: Path, total: int, cache: Path, logs: Path, tag: str) -
         env.update(
             MSJAX_COORDINATOR_ADDRESS=address, MSJAX_NUM_PROCESSES="2", MSJAX_PROCESS_ID=str(pid)
         )
-        procs.append(_start(workdir, total, env, logs / f"{tag}-p{pid}.log"))
+        procs.append(_start(workdir, total, env, logs / f"{tag}-p{pid}.log", *extra))
     return procs
 
 
@@ -102,11 +103,15 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
     cache, logs = tmp_path / "jax_cache", tmp_path / "logs"
     logs.mkdir()
     single, multi = tmp_path / "single", tmp_path / "multi"
-    # Phase 1: the reference (3 RL steps) and the 2-process run to step 2, side by side.
+    # Phase 1: the reference (3 RL steps) and, side by side, the 2-process run, stopped by a
+    # SIGTERM that only process 1 receives (during step 2).
     ref = _start(single, 3, _env(cache, 2), logs / "single.log")
-    procs = _distributed(multi, 2, cache, logs, "run1")
+    term = ("--signal", "TERM", "--at", "2", "--signal_process", "1")
+    procs = _distributed(multi, 3, cache, logs, "run1", *term)
     _wait([ref, *procs], [logs / "single.log", logs / "run1-p0.log", logs / "run1-p1.log"])
     assert ckpt.latest_step(multi) == 2
+    for pid in range(2):
+        assert "steps [2]" in (logs / f"run1-p{pid}.log").read_text()
     # Phase 2: both processes restore step 2 and train step 3.
     procs = _distributed(multi, 3, cache, logs, "run2")
     _wait(procs, [logs / "run2-p0.log", logs / "run2-p1.log"])

@@ -1,7 +1,7 @@
 """Runs the tiny trainer in a child process; optionally signals itself during an RL step.
 
     python trainer_child.py WORKDIR TOTAL_STEPS [--signal KILL|TERM --at STEP] [--mesh d,f,t]
-        [--rows_per_call R]
+        [--rows_per_call R] [--signal_process P]
 
 Used by test_trainer.py to test exact resume after SIGKILL and a clean stop on SIGTERM, and by
 test_trainer_distributed.py as one process of a multi-process run (MSJAX_* variables set).
@@ -16,6 +16,8 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+import jax  # noqa: E402
+
 from experiments.configs.tiny import get_config  # noqa: E402
 from msjax import distributed  # noqa: E402
 from msjax.rl.trainer import Trainer  # noqa: E402
@@ -29,6 +31,7 @@ def main():
     p.add_argument("--at", type=int, default=-1)
     p.add_argument("--mesh", default="1,-1,1")
     p.add_argument("--rows_per_call", type=int, default=0)
+    p.add_argument("--signal_process", type=int, default=-1, help="only this process signals")
     a = p.parse_args()
     distributed.initialize(timeout_s=120)  # multi-process when the MSJAX_* variables are set
     logging.basicConfig()  # a stderr handler unless one is already installed
@@ -41,7 +44,7 @@ def main():
     c.rollout.max_rows_per_call = a.rows_per_call
     c.mesh.update(dict(zip(("data", "fsdp", "tensor"), map(int, a.mesh.split(",")))))
     trainer = Trainer(c)
-    if a.signal:
+    if a.signal and a.signal_process in (-1, jax.process_index()):
         update = trainer._update
 
         def update_then_signal(tb):
