@@ -1,8 +1,40 @@
 """Rollouts and test-time scaling: the jitted KV-cache sampler with streamed SPRM step scores,
-Best-of-N / votes / pruning, and the metrics that go with them."""
+Best-of-N / votes / early pruning, and the metrics that compare them."""
 
 from msjax.generate.config import FINISH_REASONS, SamplerConfig
 from msjax.generate.pruning import PruneRule
 from msjax.generate.sampler import Sampler, SampleResult
+from msjax.generate.tts import (
+    MODES,
+    Candidate,
+    Choice,
+    bon_at_k,
+    generate_and_select,
+    maj_at_k,
+    pass_at_1,
+    random_at_k,
+    resolve_k,
+    select,
+    token_stats,
+    weighted_at_k,
+)
 
-__all__ = ["FINISH_REASONS", "PruneRule", "SampleResult", "Sampler", "SamplerConfig"]
+__all__ = [
+    "FINISH_REASONS",
+    "MODES",
+    "Candidate",
+    "Choice",
+    "PruneRule",
+    "SampleResult",
+    "Sampler",
+    "SamplerConfig",
+    "bon_at_k",
+    "generate_and_select",
+    "maj_at_k",
+    "pass_at_1",
+    "random_at_k",
+    "resolve_k",
+    "select",
+    "token_stats",
+    "weighted_at_k",
+]

@@ -69,7 +69,9 @@ class SamplerConfig:
                 "((13, 13),); encode stop strings with the tokenizer first."
             ) from e
         if any(not s or min(s) < 0 for s in stops):
-            raise ValueError(f"SamplerConfig.stop_sequences={stops} holds an empty sequence.")
+            raise ValueError(
+                f"SamplerConfig.stop_sequences={stops} holds an empty sequence or a negative id."
+            )
         set_("stop_sequences", stops)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"SamplerConfig.max_new_tokens={self.max_new_tokens!r} must be >= 1.")
