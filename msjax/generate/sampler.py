@@ -157,8 +157,7 @@ class Sampler:
         row_ids[:rows_real] = (np.repeat(ids, n) * n + np.tile(np.arange(n), len(lists))).astype(
             np.int32
         )
-        if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-            key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
+        key = _threefry_key(key)
         with self._mesh_context():
             args = [self._put(x) for x in (tokens, lengths, source, real, row_ids)]
             program = DecodeProgram(self.graphdef, self.cfg, c, self.mesh, n)
@@ -178,3 +177,15 @@ class Sampler:
             return jnp.asarray(x)
         sharding = sh.batch_sharding(self.mesh, x.ndim)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _threefry_key(key) -> jax.Array:
+    """A typed threefry key from a jax.random.key / PRNGKey; ValueError for anything else."""
+    typed = jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else jnp.asarray(key)
+    if data.shape != (2,) or not jnp.issubdtype(data.dtype, jnp.unsignedinteger):
+        raise ValueError(
+            f"key must be one threefry PRNG key (jax.random.key(seed) or PRNGKey(seed)); got "
+            f"key data of shape {data.shape} and dtype {data.dtype}."
+        )
+    return jax.random.wrap_key_data(data.astype(jnp.uint32))

@@ -142,7 +142,8 @@ def test_groups_finish_and_seed(small_model, special, sampled):
         assert (n == MAX_NEW) or reasons[row] == "eos"
     assert np.all(r.prompt_lengths == np.repeat([len(p) for p in sampled["prompts"]], N))
     # Same key: same output; another key: another output.
-    again = sampler(nnx.state(model), sampled["prompts"], n=N, key=jax.random.key(42)).to_host()
+    raw_key = jax.random.PRNGKey(42)  # the legacy raw form of the same key
+    again = sampler(nnx.state(model), sampled["prompts"], n=N, key=raw_key).to_host()
     np.testing.assert_array_equal(again.tokens, r.tokens)
     np.testing.assert_array_equal(again.scores, r.scores)
     other = sampler(nnx.state(model), sampled["prompts"], n=N, key=jax.random.key(7)).to_host()
@@ -249,6 +250,10 @@ def test_bad_inputs_raise_before_compiling(small_model, special, sampled):
             sampler(model, prompts, key=key)
     with pytest.raises(ValueError, match="samples per prompt"):
         sampler(model, [[7]], n=0, key=key)
+    with pytest.raises(ValueError, match="one threefry PRNG key"):
+        sampler(model, [[7]], key=jax.random.split(key, 2))
+    with pytest.raises(ValueError, match="distinct ints"):
+        sampler(model, [[7], [8]], key=key, prompt_ids=[3, 3])
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         Sampler(model, cfg, sampler_config(special, eos_ids=(cfg.vocab_size,)))
     with pytest.raises(ValueError, match="needs step_ids"):
