@@ -54,6 +54,13 @@ class DecodeState:
     steps: st.StepState
 
 
+def _repeat(x: jax.Array, n: int, axis: int) -> jax.Array:
+    """Each entry of `axis` n times in a row (jnp.repeat), as a broadcast + reshape."""
+    x = jnp.expand_dims(x, axis + 1)
+    x = jnp.broadcast_to(x, x.shape[: axis + 1] + (n,) + x.shape[axis + 2 :])
+    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeProgram:
     """What fixes the compiled program: model graph and config, sampler config, mesh (or None)
@@ -81,8 +88,9 @@ class DecodeProgram:
         return dataclasses.replace(others, cache=cache, step=s.step)
 
     def prefill(self, params, prompt, prompt_len, source, real, row_ids, key):
-        """prompt: int32[B, L] left-padded; source: int32[rows] prompt of each row; real:
-        bool[rows] (False: batch padding); row_ids: int32[rows] randomness ids.
+        """prompt: int32[B, L] left-padded; source: int32[rows] prompt of each row (rows of
+        real prompts must be source = r // n); real: bool[rows] (False: batch padding);
+        row_ids: int32[rows] randomness ids.
 
         Returns (KVCache over L + max_new_tokens slots, DecodeState without its cache).
         """
@@ -100,8 +108,13 @@ class DecodeProgram:
             compute_logits=False,
         )
         logits = model.backbone.logits(out.hidden[:, -1:])[:, 0]
-        take = lambda x, axis=0: jnp.take(x, source, axis=axis)
         rows = source.shape[0]
+        if rows == b * self.n:
+            # Row r is prompt r // n (padding rows only copy padding): repeat without a gather,
+            # so each device expands its own prompts (a gather would all-gather the cache).
+            take = lambda x, axis=0: _repeat(x, self.n, axis)
+        else:
+            take = lambda x, axis=0: jnp.take(x, source, axis=axis)
         pad = ((0, 0), (0, 0), (0, c.max_new_tokens), (0, 0), (0, 0))
         cache = KVCache(jnp.pad(take(out.cache.k, 1), pad), jnp.pad(take(out.cache.v, 1), pad))
         row_prompt, row_valid = take(prompt), take(valid)
