@@ -8,7 +8,13 @@ SPRM step scores streamed out of the hidden states the decoder computes anyway.
 keeps only the graph definition, never a copy of the weights. The n samples of prompt p are rows
 p*n .. p*n+n-1 of the result. Sample j of prompt p draws its token t from
 fold_in(fold_in(key, id_p * n + j), t) with id_p = p (or the caller's `prompt_ids[p]`), so the
-output depends on (key, prompts, n) and not on the mesh the batch is sharded on.
+output depends on (key, prompts, n) and not on the mesh the batch is sharded on. With several
+processes, every process passes the same (global) prompts.
+
+Step scores: the SPRM head runs, under `lax.cond`, only on decode steps where some row emitted a
+step delimiter, on the hidden state the decoder just computed; `msjax.generate.steps` explains
+how the result equals the full-forward rule exactly. Rows that finish (or are pruned) keep their
+batch slot until the whole batch is done; the loop stops as soon as every row is.
 """
 
 from __future__ import annotations
