@@ -22,7 +22,9 @@ class ModelConfig:
     `remat` picks what the layer scan saves for the backward pass: "none" (everything),
     "full" (only layer inputs), "dots" (matmul outputs), "dots_no_batch" (weight-only matmuls).
     `attention` = "dense" materialises [q, k] scores; "chunked" processes `attention_chunk`
-    queries at a time so long sequences fit in memory.
+    queries at a time so long sequences fit in memory. Without a KV cache, "dense" splits the
+    queries into causal blocks of `attention_block` (at most 8 blocks, each longer if needed)
+    that skip the keys after their last query.
     """
 
     vocab_size: int
@@ -43,6 +45,7 @@ class ModelConfig:
     remat: str = "none"
     attention: str = "dense"
     attention_chunk: int = 512
+    attention_block: int = 128
     head_dropout: float = 0.5
     head_grad_scale: float = 1e-4
 
@@ -68,6 +71,7 @@ class ModelConfig:
             "head_dim",
             "max_position_embeddings",
             "attention_chunk",
+            "attention_block",
         )
         for name in positive:
             value = getattr(self, name)

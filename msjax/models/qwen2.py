@@ -20,6 +20,8 @@ from msjax.models.kv_cache import KVCache
 from msjax.sharding import constrain
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Causal query blocks of dense attention are unrolled: this bounds the program size.
+MAX_CAUSAL_BLOCKS = 8
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, stddev: float) -> nnx.Param:
@@ -84,14 +86,23 @@ class AttentionMask:
 
 
 def _attend(q, k, v, allowed, scale):
-    """q: [b, t, kv, g, d], k/v: [b, s, kv, d], allowed: bool[b, 1, 1, t, s] -> [b, t, kv, g, d]."""
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    """q: [b, kv, g, t, d], k/v: [b, kv, s, d], allowed: bool[b, 1, 1, t, s] -> [b, kv, g, t, d].
+
+    Heads lead so that both matmuls are plain batched matmuls over [g * t, s] scores (no
+    transpose of the scores). A query that may see no key at all (a left-padding position)
+    gets output 0, whatever the block of keys it was given.
+    """
+    b, kv, g, t, d = q.shape
+    scores = jnp.einsum(
+        "bkqd,bksd->bkqs", q.reshape(b, kv, g * t, d), k, preferred_element_type=jnp.float32
+    )
     # An additive bias on the small [b, 1, 1, t, s] mask instead of a select on the full scores:
-    # the same values (|score| is far below the spacing of floats near NEG_INF, so a masked
-    # score becomes exactly NEG_INF), and the backward pass needs neither the mask nor a select.
-    scores = scores + jnp.where(allowed, 0.0, NEG_INF)
+    # |score| is far below the spacing of floats near NEG_INF, so a masked score becomes
+    # exactly NEG_INF, and the backward pass needs neither the mask nor a select.
+    scores = scores.reshape(b, kv, g, t, -1) * scale + jnp.where(allowed, 0.0, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, kv, g * t, -1), v)
+    return jnp.where(jnp.any(allowed, axis=-1, keepdims=True), out.reshape(q.shape), 0)
 
 
 class Attention(nnx.Module):
@@ -134,7 +145,7 @@ class Attention(nnx.Module):
             k, v, state = kv_write(k, v)
         b, t = q.shape[:2]
         q = q.reshape(b, t, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
-        out = _attention(q, k.astype(dt), v.astype(dt), mask, cfg)
+        out = _attention(q, k.astype(dt), v.astype(dt), mask, cfg, causal_self=kv_write is None)
         out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
         return jnp.einsum("bthd,hdc->btc", out, self.o_kernel.value.astype(dt)), state
 
@@ -143,28 +154,52 @@ _Q_AXES = ("batch", "seq", "act_heads", None)
 _KV_AXES = ("batch", "seq", "act_kv_heads", None)
 
 
-def _attention(q, k, v, mask: AttentionMask, cfg: ModelConfig):
+def _attention(q, k, v, mask: AttentionMask, cfg: ModelConfig, causal_self: bool):
     """q: [b, t, kv, g, d]; k/v: [b, s, kv, d] -> [b, t, kv, g, d].
 
     "chunked" runs blocks of `attention_chunk` queries one at a time (each rematerialised in the
-    backward pass), so only [chunk, s] scores are live instead of [t, s].
+    backward pass), so only [chunk, s] scores are live instead of [t, s]. "dense" on this call's
+    own keys (`causal_self`: no cache, query i is key i) splits the queries into blocks of
+    `attention_block` (at most MAX_CAUSAL_BLOCKS) and gives each block only the keys up to its
+    last query: the masked upper triangle is mostly skipped (n blocks do (n + 1) / 2n of the
+    work) and the score blocks are smaller. With a cache every query sees the whole cache.
     """
     scale = 1.0 / math.sqrt(cfg.head_dim)
     b, t = q.shape[:2]
+    q = q.transpose(0, 2, 3, 1, 4)  # [b, kv, g, t, d]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, s, d]
     chunk = cfg.attention_chunk
-    if cfg.attention != "chunked" or t <= chunk:
-        return _attend(q, k, v, mask.block(0, t), scale)
-    n = -(-t // chunk)
-    qp = jnp.pad(q, ((0, 0), (0, n * chunk - t), (0, 0), (0, 0), (0, 0)))
-    blocks = qp.reshape(b, n, chunk, *q.shape[2:]).swapaxes(0, 1)
+    if cfg.attention == "chunked" and t > chunk:
+        n = -(-t // chunk)
+        qp = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, n * chunk - t), (0, 0)))
+        blocks = jnp.moveaxis(qp.reshape(*q.shape[:3], n, chunk, q.shape[-1]), 3, 0)
 
-    @jax.checkpoint
-    def one(args):
-        i, qc = args
-        return _attend(qc, k, v, mask.block(i * chunk, chunk), scale)
+        @jax.checkpoint
+        def one(args):
+            i, qc = args
+            return _attend(qc, k, v, mask.block(i * chunk, chunk), scale)
 
-    out = jax.lax.map(one, (jnp.arange(n), blocks))
-    return out.swapaxes(0, 1).reshape(b, n * chunk, *q.shape[2:])[:, :t]
+        out = jnp.moveaxis(jax.lax.map(one, (jnp.arange(n), blocks)), 0, 3)
+        out = out.reshape(*q.shape[:3], n * chunk, q.shape[-1])[:, :, :, :t]
+    elif causal_self and t > cfg.attention_block:
+        n = min(-(-t // cfg.attention_block), MAX_CAUSAL_BLOCKS)
+        bounds = [t * i // n for i in range(n + 1)]
+        out = jnp.concatenate(
+            [
+                _attend(
+                    q[:, :, :, lo:hi],
+                    k[:, :, :hi],
+                    v[:, :, :hi],
+                    mask.block(lo, hi - lo)[..., :hi],
+                    scale,
+                )
+                for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+            ],
+            axis=3,
+        )
+    else:
+        out = _attend(q, k, v, mask.block(0, t), scale)
+    return out.transpose(0, 3, 1, 2, 4)
 
 
 class MLP(nnx.Module):

@@ -263,19 +263,26 @@ def make_train_step(
             has_aux=True,
         )
 
-        def accumulate(carry, xs):
-            grads, metrics = carry
-            mb, key = xs
-            (_, m), g = grad_fn(state.params, mb, key)
-            grads = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), grads, g)
-            return (grads, jax.tree.map(jnp.add, metrics, m)), None
+        if k == 1:
+            # One micro-batch: no accumulation scan (a smaller program that compiles faster;
+            # the same values, as 0 + x == x).
+            (_, metrics), grads = grad_fn(state.params, batch, row_keys)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        else:
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        first = jax.tree.map(lambda x: x[0], (micro, keys))
-        metric_zeros = jax.tree.map(
-            jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.params, *first)[0][1])
-        )
-        (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), (micro, keys))
+            def accumulate(carry, xs):
+                grads, metrics = carry
+                mb, key = xs
+                (_, m), g = grad_fn(state.params, mb, key)
+                grads = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), grads, g)
+                return (grads, jax.tree.map(jnp.add, metrics, m)), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            first = jax.tree.map(lambda x: x[0], (micro, keys))
+            metric_zeros = jax.tree.map(
+                jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.params, *first)[0][1])
+            )
+            (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), (micro, keys))
 
         grad_norms = {g: optax.global_norm(grads[g]) for g in grads}
         finite = jnp.isfinite(metrics["loss"]) & jnp.all(

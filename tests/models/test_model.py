@@ -80,6 +80,17 @@ def test_chunked_attention_equals_dense_including_gradients():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+def test_causal_attention_blocks_equal_one_block_including_gradients():
+    """Skipping the keys after each query block changes nothing: values, gradients, and the
+    padding queries that see no key at all (output 0 in every block layout)."""
+    batch = _batch(t=13)  # not a multiple of the blocks; row 1 starts with 4 padding slots
+    l0, g0 = _loss_and_grads(CFG.replace(attention_block=13), *batch)  # one block
+    l1, g1 = _loss_and_grads(CFG.replace(attention_block=3), *batch)  # 5 uneven blocks
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
 def test_bf16_compute_stays_close_to_fp32():
     tokens, pos, valid = _batch()
     f32 = create_model(CFG, seed=3)(tokens, pos, valid).logits

@@ -250,6 +250,26 @@ def test_chunked_bf16_inputs_give_f32_outputs():
     np.testing.assert_allclose(lp, ref_lp, rtol=1e-4, atol=1e-4)
 
 
+def test_chunked_bf16_gradients_keep_input_dtypes_and_match_f32():
+    rng = np.random.default_rng(9)
+    hidden = jnp.asarray(rng.normal(size=(2, 7, 6)), jnp.bfloat16)
+    unembed = jnp.asarray(rng.normal(size=(6, 11)), jnp.bfloat16)
+    targets = jnp.asarray(rng.integers(0, 11, size=(2, 7)), jnp.int32)
+
+    def grads(h, w):
+        def objective(h, w):
+            lp, ent = grpo.chunked_log_probs_and_entropy(h, w, targets, 3)
+            return jnp.sum(lp) + 0.5 * jnp.sum(ent)
+
+        return jax.jit(jax.grad(objective, argnums=(0, 1)))(h, w)
+
+    g_h, g_w = grads(hidden, unembed)
+    assert g_h.dtype == g_w.dtype == jnp.bfloat16
+    r_h, r_w = grads(hidden.astype(jnp.float32), unembed.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(g_h, np.float32), r_h, rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(g_w, np.float32), r_w, rtol=2e-2, atol=2e-2)
+
+
 def test_chunked_rejects_bad_shapes():
     h = jnp.zeros((2, 4, 3))
     with pytest.raises(ValueError, match="unembed"):
