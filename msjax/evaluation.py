@@ -1,0 +1,229 @@
+"""Evaluation of a reflective model: sampled candidates, test-time-scaling curves, SPRM AUROC.
+
+    cands = sample_candidates(sampler, params, tokenizer, prompts, golds, k=32, key=key)
+    curves = scaling_metrics(cands.correct, cands.scores, cands.answers, ks=(2, 8, 32))
+    roc_auc(cands.scores.ravel(), cands.correct.ravel())        # trajectory-level AUROC
+
+`scaling_metrics` estimates accuracy at k from k_max candidates per problem by cutting them into
+k_max // k disjoint groups of k and averaging over groups (lower variance than one group; the
+candidates are i.i.d. samples, so each group is an honest draw of k). The selection rules are
+those of `msjax.generate.tts`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from msjax.generate import tts
+from msjax.rewards.math import math_reward
+
+
+def roc_auc(scores, labels) -> float:
+    """Area under the ROC curve of `scores` for binary `labels` (ties count one half); NaN when
+    one class is empty. Equals the Mann-Whitney U statistic / (n_pos * n_neg)."""
+    s = np.asarray(scores, np.float64).ravel()
+    y = np.asarray(labels, bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"roc_auc: {s.shape[0]} scores but {y.shape[0]} labels.")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), np.float64)
+    sorted_s = s[order]
+    # average ranks (1-based) over runs of equal scores
+    edges = np.flatnonzero(np.diff(sorted_s)) + 1
+    starts = np.concatenate([[0], edges])
+    ends = np.concatenate([edges, [len(s)]])
+    for a, b in zip(starts, ends, strict=True):
+        ranks[order[a:b]] = (a + b + 1) / 2.0
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def within_problem_auroc(scores, correct) -> tuple[float, int]:
+    """Mean AUROC of the candidates of ONE problem (what Best-of-N needs: ranking a problem's
+    own candidates), over the problems that have both correct and wrong candidates; returns
+    (mean AUROC or NaN, number of such problems). scores, correct: [P, k]."""
+    values = [
+        roc_auc(s, c)
+        for s, c in zip(np.asarray(scores), np.asarray(correct, bool), strict=True)
+        if c.any() and not c.all()
+    ]
+    return (float(np.mean(values)) if values else float("nan")), len(values)
+
+
+@dataclasses.dataclass
+class Candidates:
+    """k sampled candidates for each of P problems.
+
+    choices: the tts Choices (responses, tokens, SPRM scores, steps, finish reasons);
+    prompts: the prompt ids; problems / golds: per problem; correct: bool[P, k];
+    scores: f32[P, k] trajectory scores; answers: [P][k] extracted answers (None: no answer).
+    """
+
+    choices: list[tts.Choice]
+    prompts: list[list[int]]
+    problems: list[str]
+    golds: list[str]
+    correct: np.ndarray
+    scores: np.ndarray
+    answers: list[list[str | None]]
+
+    @property
+    def tokens_generated(self) -> int:
+        return sum(len(c.tokens) for ch in self.choices for c in ch.candidates)
+
+    @property
+    def eligible(self) -> np.ndarray:
+        """bool[P, k]: candidates that were not pruned."""
+        return np.asarray([[not c.pruned for c in ch.candidates] for ch in self.choices], bool)
+
+
+def sample_candidates(
+    sampler,
+    params,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    golds: Sequence[str],
+    *,
+    k: int,
+    key: jax.Array,
+    batch_size: int = 64,
+    problems: Sequence[str] | None = None,
+    grade: Callable[[str, str], float] = math_reward,
+    progress: bool = False,
+) -> Candidates:
+    """k candidates per prompt from `sampler` (its config decides temperature, pruning, ...),
+    graded against `golds` with `grade(response, gold) -> reward` (correct when > 0.5; pruned
+    candidates count as wrong). Prompt p gets randomness id p, so the result does not depend on
+    batch_size and two samplers that differ only in pruning draw the same tokens."""
+    prompts = [list(p) for p in prompts]
+    if len(prompts) != len(golds):
+        raise ValueError(f"{len(prompts)} prompts but {len(golds)} gold answers.")
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    choices: list[tts.Choice] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(prompts), desc=f"sample k={k}", unit="problem", leave=False)
+    for lo in range(0, len(prompts), batch_size):
+        chunk = prompts[lo : lo + batch_size]
+        fill = batch_size - len(chunk) if len(prompts) > batch_size else 0
+        ids = list(range(lo, lo + len(chunk))) + list(range(len(prompts), len(prompts) + fill))
+        out = tts.generate_and_select(
+            sampler,
+            params,
+            chunk + [chunk[0]] * fill,
+            k,
+            key,
+            decode=decode,
+            prompt_ids=ids,
+        )
+        choices.extend(out[: len(chunk)])
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    correct = np.asarray(
+        [
+            [not c.pruned and grade(c.response, str(g)) > 0.5 for c in ch.candidates]
+            for ch, g in zip(choices, golds, strict=True)
+        ],
+        bool,
+    )
+    scores = np.asarray([[c.score for c in ch.candidates] for ch in choices], np.float32)
+    answers = [[c.answer for c in ch.candidates] for ch in choices]
+    return Candidates(
+        choices=choices,
+        prompts=prompts,
+        problems=list(problems) if problems is not None else [""] * len(prompts),
+        golds=[str(g) for g in golds],
+        correct=correct,
+        scores=scores,
+        answers=answers,
+    )
+
+
+def scaling_metrics(
+    correct,
+    scores,
+    answers: Sequence[Sequence[str | None]],
+    ks: Sequence[int],
+    eligible=None,
+) -> dict[str, dict[str, float]]:
+    """Accuracy at each k of Best-of-N by SPRM ("bon"), majority vote ("maj"), SPRM-weighted
+    vote ("weighted") and a uniformly random pick ("random"), plus "pass1" (one sample).
+
+    correct, scores: [P, k_max]; answers: [P][k_max]; eligible: optional bool[P, k_max]
+    (pruned candidates are never selected). Each k must divide k_max. Returns
+    {"pass1": float, "bon": {str(k): acc}, "maj": ..., "weighted": ..., "random": ...}.
+    """
+    correct = np.asarray(correct, bool)
+    scores = np.asarray(scores, np.float64)
+    p, k_max = correct.shape
+    ok = np.ones_like(correct) if eligible is None else np.asarray(eligible, bool)
+    out: dict = {"pass1": tts.pass_at_1(correct)}
+    for name in ("bon", "maj", "weighted", "random"):
+        out[name] = {}
+    for k in ks:
+        if k < 1 or k_max % k:
+            raise ValueError(f"k={k} must divide the {k_max} candidates per problem.")
+        acc = {name: [] for name in ("bon", "maj", "weighted", "random")}
+        for g in range(k_max // k):
+            cols = slice(g * k, (g + 1) * k)
+            for i in range(p):
+                c, s, e = correct[i, cols], scores[i, cols], ok[i, cols]
+                a = list(answers[i][cols])
+                if not e.any():
+                    for name in acc:
+                        acc[name].append(0.0)
+                    continue
+                acc["bon"].append(float(c[tts.best_of_n(s, e)]))
+                acc["maj"].append(float(c[tts.vote(a, None, e)]))
+                acc["weighted"].append(float(c[tts.vote(a, s, e)]))
+                acc["random"].append(float(np.mean(c)))
+        for name, values in acc.items():
+            out[name][str(k)] = float(np.mean(values))
+    return out
+
+
+def step_scores_and_labels(
+    cands: Candidates,
+    labeler: Callable[[str, list[int], list[int]], tuple[Sequence[int], dict[str, Sequence[bool]]]],
+) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    """Every scored step of every candidate with its true labels.
+
+    labeler(problem, prompt_ids, response_ids) -> (positions, {label name: bools}) gives the
+    labelled steps of one response in prompt+response coordinates (for the synthetic task:
+    `msjax.data.token_step_labels`). Steps are joined with the sampler's streamed step positions;
+    a scored step without a label (or the reverse) is counted and left out.
+    Returns (step scores f32[n], {name: bool[n]}, unmatched count).
+    """
+    scores: list[float] = []
+    labels: dict[str, list[bool]] = {}
+    unmatched = 0
+    for ch, prompt, problem in zip(cands.choices, cands.prompts, cands.problems, strict=True):
+        for c in ch.candidates:
+            if c.pruned:
+                continue
+            positions, named = labeler(problem, prompt, c.tokens)
+            by_pos = {int(p): i for i, p in enumerate(positions)}
+            unmatched += len(set(by_pos) ^ set(c.step_positions))
+            for s, p in zip(c.step_scores, c.step_positions, strict=True):
+                i = by_pos.get(int(p))
+                if i is None:
+                    continue
+                scores.append(float(s))
+                for name, values in named.items():
+                    labels.setdefault(name, []).append(bool(values[i]))
+    return (
+        np.asarray(scores, np.float32),
+        {k: np.asarray(v, bool) for k, v in labels.items()},
+        unmatched,
+    )
