@@ -1,0 +1,216 @@
+"""The demo's report: report.json, report.md and the PNG plots, from the stage markers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from msjax.metrics import read_metrics
+from msjax.tokenizer import atomic_write_text
+
+GOALS = {
+    "pass@1 after RL > before": lambda r: r["pass1_after_rl"] > r["pass1_before_rl"],
+    "BoN@32 > pass@1 and > random@32": lambda r: (
+        r["bon"]["32"] > r["pass1_after_rl"] and r["bon"]["32"] > r["random"]["32"]
+    ),
+    "step AUROC >= 0.85": lambda r: r["step_auroc"] >= 0.85,
+    "trajectory AUROC >= 0.9": lambda r: r["traj_auroc"] >= 0.9,
+    "pruning saves >= 30% tokens": lambda r: r["prune_token_savings"] >= 0.30,
+    "pruning accuracy within 1 point": lambda r: abs(r["prune_accuracy_change"]) <= 0.01,
+    "HF greedy parity": lambda r: r["hf_greedy_parity"],
+}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+
+
+def plot_accuracy_vs_k(report: dict, path: Path) -> None:
+    plt = _plt()
+    ks = sorted(int(k) for k in report["bon"])
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, label, style in (
+        ("bon", "Best-of-k by SPRM", "o-"),
+        ("maj", "majority vote", "s-"),
+        ("weighted", "SPRM-weighted vote", "^--"),
+        ("random", "random pick", "x:"),
+    ):
+        if name in report:
+            ax.plot(ks, [report[name][str(k)] for k in ks], style, label=label)
+    ax.axhline(report["pass1_after_rl"], color="gray", lw=1, label="pass@1 after RL")
+    ax.axhline(report["pass1_before_rl"], color="gray", lw=1, ls="--", label="pass@1 before RL")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [f"{k}\n({m})" for k, m in zip(ks, ("low", "medium", "high"), strict=False)])
+    ax.set_xlabel("candidates k (mode)")
+    ax.set_ylabel("accuracy on held-out problems")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_score_histograms(npz: Path, path: Path) -> None:
+    plt = _plt()
+    d = np.load(npz)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    bins = np.linspace(0, 1, 26)
+    correct = d["correct"].ravel()
+    traj = d["traj_scores"].ravel()
+    axes[0].hist(traj[correct], bins, alpha=0.6, label=f"correct ({correct.sum()})", density=True)
+    axes[0].hist(traj[~correct], bins, alpha=0.6, label=f"wrong ({(~correct).sum()})", density=True)
+    axes[0].set_title("trajectory score (geometric mean of steps)")
+    if "step_on_track" in d:
+        on, s = d["step_on_track"], d["step_scores"]
+        axes[1].hist(s[on], bins, alpha=0.6, label=f"on-track steps ({on.sum()})", density=True)
+        axes[1].hist(
+            s[~on], bins, alpha=0.6, label=f"off-track steps ({(~on).sum()})", density=True
+        )
+    axes[1].set_title("step score vs TRUE step label")
+    for ax in axes:
+        ax.set_xlabel("SPRM score")
+        ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _smooth(values: list[float], window: int = 20) -> np.ndarray:
+    """Trailing mean over up to `window` values."""
+    v = np.asarray(values, np.float64)
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    lo = np.maximum(np.arange(1, len(v) + 1) - window, 0)
+    return (c[1:] - c[lo]) / (np.arange(1, len(v) + 1) - lo)
+
+
+def plot_training_curves(rows: list[dict], sft_rows: list[dict], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    if sft_rows and "score_correct" in sft_rows[0]:
+        x = [r["step"] for r in sft_rows]
+        for key, label in (("score_correct", "correct (gold)"), ("score_wrong", "wrong (flawed)")):
+            axes[0].plot(x, _smooth([r[key] for r in sft_rows]), label=label)
+    axes[0].set_title("SFT: mean SPRM score of the SFT data (20-step mean)")
+    axes[0].set_xlabel("SFT step")
+    if rows:
+        x = [r["step"] for r in rows]
+        get = lambda k: [r.get(k, math.nan) for r in rows]
+        axes[1].plot(x, get("rollout_score_correct"), label="correct responses")
+        axes[1].plot(x, get("rollout_score_wrong"), label="wrong responses")
+        axes[2].plot(x, get("reward"), label="reward (accuracy)")
+        if "spr_kept_frac" in rows[0]:
+            axes[2].plot(x, get("spr_kept_frac"), label="SPR kept-step fraction")
+    axes[1].set_title("RL: mean SPRM score of rollouts")
+    axes[2].set_title("RL: reward")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[1:]:
+        ax.set_xlabel("RL step")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _num(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def markdown(report: dict, config) -> str:
+    ks = sorted(int(k) for k in report["bon"])
+    lines = [
+        "# msjax demo report",
+        "",
+        f"Synthetic step task ({config.task.min_steps}-{config.task.max_steps} operations), "
+        f"Qwen2-architecture model with hidden size {config.model.hidden_size}, "
+        f"{config.model.num_layers} layers; SFT {config.sft.steps} steps, GRPO + SPR "
+        f"{config.total_steps} steps; {report['eval_problems']} held-out problems, "
+        f"{report['eval_k_max']} samples each at temperature {config.eval.temperature}. "
+        f"Total {report['minutes']:.1f} minutes.",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| pass@1 before RL | {_pct(report['pass1_before_rl'])} |",
+        f"| pass@1 after RL | {_pct(report['pass1_after_rl'])} |",
+        f"| trajectory AUROC (correct vs wrong) | {_num(report['traj_auroc'])} |",
+        f"| trajectory AUROC within a problem (what BoN needs) | "
+        f"{_num(report['traj_auroc_within'])} |",
+        f"| step AUROC vs true on-track labels | {_num(report['step_auroc'])} |",
+        f"| step AUROC vs true locally-correct labels | {_num(report['step_auroc_local'])} |",
+        f"| pruning token savings ({report['prune_rule']}) | "
+        f"{_pct(report['prune_token_savings'])} |",
+        f"| pruning accuracy change (BoN@{report['eval_k_max']}) | "
+        f"{100 * report['prune_accuracy_change']:+.1f} points |",
+        f"| pruning accuracy change (maj@{report['eval_k_max']}) | "
+        f"{100 * report['prune_maj_accuracy_change']:+.1f} points |",
+        f"| HF greedy parity | {report['hf_greedy_parity']} |",
+        "",
+        "| k (mode) | BoN by SPRM | majority | SPRM-weighted vote | random |",
+        "|---|---|---|---|---|",
+    ]
+    for k, mode in zip(ks, ("low", "medium", "high"), strict=False):
+        row = [_pct(report[n][str(k)]) for n in ("bon", "maj", "weighted", "random")]
+        lines.append(f"| {k} ({mode}) | " + " | ".join(row) + " |")
+    lines += ["", "## Goals", ""]
+    for name, ok in report["goals"].items():
+        lines.append(f"- [{'x' if ok else ' '}] {name}")
+    lines += [
+        "",
+        "Plots: `accuracy_vs_k.png`, `score_histograms.png`, `training_curves.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, config, stages: dict) -> dict:
+    """Assembles report.json / report.md / plots under `out` from the stage results."""
+    before, after, prune = stages["eval_before"], stages["eval_after"], stages["prune"]
+    report = {
+        "pass1_before_rl": before["pass1"],
+        "pass1_after_rl": after["pass1"],
+        "bon": after["bon"],
+        "maj": after["maj"],
+        "random": after["random"],
+        "weighted": after["weighted"],
+        "traj_auroc": after["traj_auroc"],
+        "traj_auroc_within": after["traj_auroc_within"],
+        "step_auroc": after["step_auroc"],
+        "step_auroc_local": after["step_auroc_local"],
+        "prune_token_savings": prune["token_savings"],
+        "prune_accuracy_change": prune["accuracy_change"],
+        "prune_rule": prune["rule"],
+        "prune_maj_accuracy_change": prune["maj"] - prune["maj_full"],
+        "hf_greedy_parity": bool(stages["export"]["hf_greedy_parity"]),
+        "minutes": sum(s.get("seconds", 0.0) for s in stages.values()) / 60.0,
+        "stage_minutes": {k: v.get("seconds", 0.0) / 60.0 for k, v in stages.items()},
+        "before_rl": {
+            k: before[k] for k in ("traj_auroc", "traj_auroc_within", "step_auroc", "bon", "maj")
+        },
+        "eval_problems": after["problems"],
+        "eval_k_max": after["k"],
+    }
+    report["goals"] = {name: bool(check(report)) for name, check in GOALS.items()}
+    report = json.loads(json.dumps(report).replace("NaN", "null"))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.md", markdown(report, config))
+    plot_accuracy_vs_k(report, out / "accuracy_vs_k.png")
+    plot_score_histograms(out / "after.npz", out / "score_histograms.png")
+    plot_training_curves(
+        read_metrics(out / "rl"), read_metrics(out / "sft"), out / "training_curves.png"
+    )
+    return report
