@@ -157,8 +157,10 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int = 1) -> None:
             f"config.train.ppo_mini_batch={t.ppo_mini_batch} must divide "
             f"config.rollout.prompts_per_step={r.prompts_per_step}."
         )
-    if not isinstance(r.max_rows_per_call, int) or r.max_rows_per_call < 0 or (
-        r.max_rows_per_call % r.group_size
+    if (
+        not isinstance(r.max_rows_per_call, int)
+        or r.max_rows_per_call < 0
+        or (r.max_rows_per_call % r.group_size)
     ):
         raise ValueError(
             f"config.rollout.max_rows_per_call={r.max_rows_per_call!r} must be 0 (all rows in one "
