@@ -1,0 +1,167 @@
+"""Is step correctness in the SPRM's input at all? A fresh SPRM-shaped head trained on the TRUE
+step labels of the synthetic task (an oracle no outcome-label method can beat), on the frozen
+penultimate hidden states of a checkpoint, against heads trained on outcome labels.
+
+    python -m experiments.sweeps.probe [--config=experiments/configs/demo.py]
+        [--model=sft|rl|DIR] [--train_problems=512] [--k=8] [--out=probe.json]
+
+Samples come from the checkpoint's own policy (config.eval.temperature): k per training problem
+and config.eval.k_max per held-out problem (the demo's evaluation problems). Features are the
+penultimate hidden states at the scored positions (the token before each step delimiter), read
+by one full forward pass. Each probe is msjax's SPRMHead (dropout 0.5, fresh init) trained with
+AdamW on BCE; AUROC is measured on the held-out problems' steps against both true labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from flax import nnx
+
+from experiments.demo import CONFIG, Demo, write_json
+from msjax import checkpoint as ckpt
+from msjax.data import token_step_labels
+from msjax.data.pipeline import as_text
+from msjax.evaluation import roc_auc, sample_candidates
+from msjax.models import SPRMHead
+from msjax.tokenizer import render_prompt
+
+_MODEL = flags.DEFINE_string("model", "sft", "'sft', 'rl' (the demo's) or a checkpoint dir.")
+_TRAIN = flags.DEFINE_integer("train_problems", 512, "Training problems for the probes.")
+_K = flags.DEFINE_integer("k", 8, "Samples per training problem.")
+_STEPS = flags.DEFINE_integer("steps", 3000, "Probe optimizer steps.")
+_OUT = flags.DEFINE_string("out", "probe.json", "Where to write the results.")
+LABELS = ("on_track", "locally_correct", "outcome")
+
+
+def step_features(demo: Demo, model, problems, golds, k: int, seed: int) -> dict[str, np.ndarray]:
+    """Penultimate features f32[steps, C] at every labelled step of k samples per problem, with
+    the labels (bool[steps] each) and the checkpoint's own head score."""
+    d = demo.c.data
+    prompts = [
+        demo.tokenizer.encode(render_prompt(p, d.template, d.suffix or None)) for p in problems
+    ]
+    sampler = demo._sampler(
+        model.cfg, temperature=demo.c.eval.temperature, max_new_tokens=demo.c.eval.max_new_tokens
+    )
+    cands = sample_candidates(
+        sampler, nnx.state(model), demo.tokenizer, prompts, golds, k=k,
+        key=jax.random.key(seed), batch_size=demo.c.eval.batch_size, problems=problems,
+    )  # fmt: skip
+    rows, out = [], {name: [] for name in (*LABELS, "head")}
+    for ch, prompt, problem, correct in zip(
+        cands.choices, prompts, problems, cands.correct, strict=True
+    ):
+        for c, ok in zip(ch.candidates, correct, strict=True):
+            lab = token_step_labels(demo.tokenizer, problem, prompt, c.tokens)
+            rows.append((prompt + c.tokens, lab.positions))
+            out["on_track"].append(lab.on_track)
+            out["locally_correct"].append(lab.locally_correct)
+            out["outcome"].append(np.full(len(lab.positions), bool(ok)))
+            own = dict(zip(c.step_positions, c.step_scores, strict=True))
+            out["head"].append(np.asarray([own.get(int(p), np.nan) for p in lab.positions]))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def penultimate(state, tokens, valid):
+        m = nnx.merge(graphdef, state)
+        pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return m(tokens, pos, valid, compute_logits=False).penultimate
+
+    width = max(len(t) for t, _ in rows)
+    feats = []
+    for lo in range(0, len(rows), 256):
+        chunk = rows[lo : lo + 256]
+        tokens = np.zeros((256, width), np.int32)
+        valid = np.zeros((256, width), bool)
+        for i, (t, _) in enumerate(chunk):
+            tokens[i, : len(t)], valid[i, : len(t)] = t, True
+        h = np.asarray(penultimate(state, tokens, valid))
+        feats += [h[i][pos] for i, (_, pos) in enumerate(chunk)]
+    result = {k: np.concatenate(v) for k, v in out.items()}
+    result["features"] = np.concatenate(feats).astype(np.float32)
+    return result
+
+
+def train_probe(x: np.ndarray, y: np.ndarray, steps: int, seed: int = 0) -> SPRMHead:
+    """A fresh SPRMHead fitted to labels y on features x (BCE, AdamW, dropout on)."""
+    head = SPRMHead(x.shape[1], rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(head)
+    tx = optax.adamw(1e-3, weight_decay=0.01)
+    opt = tx.init(params)
+    xs, ys = jnp.asarray(x), jnp.asarray(y, jnp.float32)
+
+    @jax.jit
+    def step(params, opt, key):
+        k_idx, k_drop = jax.random.split(key)
+        idx = jax.random.randint(k_idx, (512,), 0, xs.shape[0])
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(xs[idx], k_drop)
+            return optax.sigmoid_binary_cross_entropy(logits, ys[idx]).mean()
+
+        g = jax.grad(loss)(params)
+        updates, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, updates), opt
+
+    for i in range(steps):
+        params, opt = step(params, opt, jax.random.key(seed * 100_003 + i))
+    return nnx.merge(graphdef, params)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    for noisy in ("absl", "orbax", "jax._src", "msjax.data.pipeline", "math_verify"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    demo = Demo(CONFIG.value)
+    path = demo.paths.get(_MODEL.value, Path(_MODEL.value))
+    if not ckpt.is_checkpoint_dir(path):
+        raise app.UsageError(f"{path} is not an msjax checkpoint; run the demo first.")
+    model, _ = ckpt.load_model(path)
+    src = demo.source("train")
+    n = min(_TRAIN.value, len(src))
+    train_recs = [src[i] for i in range(n)]
+    train = step_features(
+        demo,
+        model,
+        [as_text(r["problem"]) for r in train_recs],
+        [as_text(r["answer"]) for r in train_recs],
+        _K.value,
+        seed=0,
+    )
+    problems, golds, _ = demo.eval_problems()
+    test = step_features(demo, model, problems, golds, demo.c.eval.k_max, seed=1)
+    mu, sd = train["features"].mean(0), train["features"].std(0) + 1e-6
+    norm = lambda x: (x - mu) / sd
+    results = {
+        "model": str(path),
+        "train_steps": len(train["features"]),
+        "test_steps": len(test["features"]),
+        "test_on_track_fraction": float(test["on_track"].mean()),
+        "checkpoint_head": {
+            "on_track": roc_auc(test["head"], test["on_track"]),
+            "locally_correct": roc_auc(test["head"], test["locally_correct"]),
+        },
+    }
+    for name in LABELS:
+        probe = train_probe(norm(train["features"]), train[name], _STEPS.value)
+        scores = np.asarray(probe(jnp.asarray(norm(test["features"]))))
+        results[f"probe_trained_on_{name}"] = {
+            "on_track": roc_auc(scores, test["on_track"]),
+            "locally_correct": roc_auc(scores, test["locally_correct"]),
+        }
+    write_json(Path(_OUT.value), results)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
