@@ -56,6 +56,8 @@ from msjax.tokenizer import Tokenizer, atomic_write_text, render_prompt
 
 log = logging.getLogger("demo")
 STAGES = ("data", "sft", "eval_before", "rl", "eval_after", "prune", "export", "report")
+# Config fields that may change between the invocations of one run.
+RUNTIME_FIELDS = {"out_dir", "stop_after", "log", "compilation_cache"}
 # The recipe flag (also used by experiments.sweeps, which import this module).
 CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).with_name("configs") / "demo.py"), "Demo recipe."
@@ -95,9 +97,26 @@ class Demo:
         path = self.marker(stage)
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
+    def check_config(self) -> None:
+        """A resumed run must use the recipe its finished stages used (runtime-only fields
+        aside); ValueError naming the differing fields otherwise."""
+        path = self.out / "config.json"
+        if not path.is_file() or not any(self.paths["stages"].glob("*.json")):
+            return
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        now = json.loads(self.c.to_json())
+        keys = (set(saved) | set(now)) - RUNTIME_FIELDS
+        differ = sorted(k for k in keys if saved.get(k) != now.get(k))
+        if differ:
+            raise ValueError(
+                f"{self.out} holds stages of a run with another recipe (differs in {differ}); "
+                "use another --config.out_dir or delete that folder to start over."
+            )
+
     def run(self) -> dict:
         """Runs every unfinished stage; returns the report."""
         self.out.mkdir(parents=True, exist_ok=True)
+        self.check_config()
         write_json(self.out / "config.json", json.loads(self.c.to_json()))
         for stage in STAGES:
             if self.done(stage) is not None:
@@ -111,7 +130,7 @@ class Demo:
                     "stage %s stopped before finishing; run the demo again to resume", stage
                 )
                 return {}
-            result["seconds"] = time.perf_counter() - t0 + result.get("seconds", 0.0)
+            result["seconds"] = time.perf_counter() - t0
             write_json(self.marker(stage), result)
             log.info("stage %-11s finished in %.0f s", stage, result["seconds"])
             if stage == self.c.stop_after:
@@ -391,7 +410,12 @@ def main(argv: list[str]) -> None:
         cache = Path(config.out_dir).absolute() / "jax_cache"
         jax.config.update("jax_compilation_cache_dir", str(cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    report = Demo(config).run()
+    demo = Demo(config)
+    try:
+        demo.check_config()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    report = demo.run()
     if report:
         print(json.dumps(report, indent=2))
 

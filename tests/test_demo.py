@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KS = ("2", "8", "32")
 
 
-def run_demo(out_dir, *extra):
+def run_demo(out_dir, *extra, expect_rc=0):
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     env["JAX_PLATFORMS"] = "cpu"
@@ -26,7 +26,7 @@ def run_demo(out_dir, *extra):
         *extra,
     ]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == expect_rc, proc.stderr[-4000:]
     return proc.stderr
 
 
@@ -78,6 +78,9 @@ def test_second_invocation_resumes(demo_runs):
         assert f"stage {stage:<11s} finished" in second, stage
     rows = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # RL was not run again
+    # resuming with another recipe would mix two runs: refused before anything runs
+    err = run_demo(out, "--config.sft.steps=4", expect_rc=1)
+    assert "another recipe" in err and "['sft']" in err
 
 
 @pytest.mark.parametrize("fmt", ["msjax", "hf"])
