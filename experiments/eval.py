@@ -24,23 +24,31 @@ import os
 import tempfile
 from pathlib import Path
 
-from absl import app, flags
+from absl import app
 
+from msjax.cli import define_flag
 from msjax.tokenizer import MATH_SUFFIX, TEMPLATES, atomic_write_text, render_prompt
 
 MODES = {"low": 2, "medium": 8, "high": 32}
-_MODEL = flags.DEFINE_string("model", None, "Hugging Face folder or msjax checkpoint.")
-_INPUT = flags.DEFINE_string("input", None, 'JSONL with {"problem", "answer"} rows.')
-_OUTPUT = flags.DEFINE_string("output", "report.json", "Where to write the report (JSON).")
-_K_MAX = flags.DEFINE_integer("k_max", 32, "Candidates drawn per problem.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 1024, "Generated tokens per candidate.")
-_TEMPLATE = flags.DEFINE_enum("template", "r1", list(TEMPLATES), "Prompt template.")
-_SUFFIX = flags.DEFINE_string("suffix", MATH_SUFFIX, "Text after the problem ('' = none).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.6, "Sampling temperature.")
-_TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Problems per sampler call (x k_max rows).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "auto"], "Weights dtype.")
+# Shared flag names go through define_flag (one absl registry per process; see msjax.cli).
+_MODEL = define_flag("string", "model", None, "Hugging Face folder or msjax checkpoint.")
+_INPUT = define_flag("string", "input", None, 'JSONL with {"problem", "answer"} rows.')
+_OUTPUT = define_flag("string", "output", None, "Where to write the report (default report.json).")
+_K_MAX = define_flag("integer", "k_max", 32, "Candidates drawn per problem.")
+_MAX_NEW = define_flag("integer", "max_new_tokens", 1024, "Generated tokens per candidate.")
+_TEMPLATE = define_flag("enum", "template", "r1", "Prompt template.", enum_values=list(TEMPLATES))
+_SUFFIX = define_flag("string", "suffix", MATH_SUFFIX, "Text after the problem ('' = none).")
+_TEMPERATURE = define_flag("float", "temperature", 0.6, "Sampling temperature.")
+_TOP_P = define_flag("float", "top_p", 0.95, "Nucleus sampling mass.")
+_BATCH = define_flag("integer", "batch_size", 8, "Problems per sampler call (x k_max rows).")
+_SEED = define_flag("integer", "seed", 0, "Sampling seed.")
+_DTYPE = define_flag(
+    "enum",
+    "dtype",
+    None,
+    "Weights dtype (default float32).",
+    enum_values=["auto", "float32", "bfloat16"],
+)
 
 
 def prompt_rows(input_path: Path, template: str, suffix: str | None) -> tuple[list[str], int]:
@@ -173,7 +181,7 @@ def main(argv: list[str]) -> None:
         report = evaluate(
             _MODEL.value,
             Path(_INPUT.value),
-            Path(_OUTPUT.value),
+            Path(_OUTPUT.value or "report.json"),
             k_max=_K_MAX.value,
             max_new_tokens=_MAX_NEW.value,
             template=_TEMPLATE.value,
@@ -182,7 +190,7 @@ def main(argv: list[str]) -> None:
             top_p=_TOP_P.value,
             batch_size=_BATCH.value,
             seed=_SEED.value,
-            dtype=_DTYPE.value,
+            dtype=_DTYPE.value or "float32",
         )
     except ValueError as e:
         raise app.UsageError(str(e)) from e
@@ -193,7 +201,7 @@ def main(argv: list[str]) -> None:
             f"{mode:>6s} (k={k:>2s}): BoN {report['bon'][k]:.4f}  maj {report['maj'][k]:.4f}  "
             f"weighted {report['weighted'][k]:.4f}  random {report['random'][k]:.4f}"
         )
-    print(f"-> {_OUTPUT.value}")
+    print(f"-> {_OUTPUT.value or 'report.json'}")
 
 
 if __name__ == "__main__":
