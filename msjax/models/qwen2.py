@@ -105,6 +105,9 @@ def _attend(q, k, v, allowed, scale):
     return jnp.where(jnp.any(allowed, axis=-1, keepdims=True), out.reshape(q.shape), 0)
 
 
+_attend_remat = jax.checkpoint(_attend, static_argnums=(4,))
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with q/k/v biases and no output bias."""
 
@@ -134,8 +137,14 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         x = x.astype(dt)
 
+        b, t, c = x.shape
+        rows = x.reshape(b * t, c)
+
         def proj(kernel, bias):
-            return jnp.einsum("btc,chd->bthd", x, kernel.value.astype(dt)) + bias.value.astype(dt)
+            # A 2-D [b * t, c] @ [c, heads * head_dim] matmul (see MLP).
+            w = kernel.value.astype(dt)
+            y = (rows @ w.reshape(c, -1)).reshape(b, t, *w.shape[1:])
+            return y + bias.value.astype(dt)
 
         q = constrain(apply_rope(proj(self.q_kernel, self.q_bias), cos, sin), _Q_AXES)
         k = constrain(apply_rope(proj(self.k_kernel, self.k_bias), cos, sin), _KV_AXES)
@@ -143,11 +152,11 @@ class Attention(nnx.Module):
         state = None
         if kv_write is not None:
             k, v, state = kv_write(k, v)
-        b, t = q.shape[:2]
         q = q.reshape(b, t, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
         out = _attention(q, k.astype(dt), v.astype(dt), mask, cfg, causal_self=kv_write is None)
-        out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
-        return jnp.einsum("bthd,hdc->btc", out, self.o_kernel.value.astype(dt)), state
+        out = out.reshape(b * t, cfg.num_heads * cfg.head_dim)
+        o = self.o_kernel.value.astype(dt).reshape(cfg.num_heads * cfg.head_dim, c)
+        return (out @ o).reshape(b, t, c), state
 
 
 _Q_AXES = ("batch", "seq", "act_heads", None)
@@ -163,6 +172,9 @@ def _attention(q, k, v, mask: AttentionMask, cfg: ModelConfig, causal_self: bool
     `attention_block` (at most MAX_CAUSAL_BLOCKS) and gives each block only the keys up to its
     last query: the masked upper triangle is mostly skipped (n blocks do (n + 1) / 2n of the
     work) and the score blocks are smaller. With a cache every query sees the whole cache.
+    Dense blocks are rematerialised too: the backward pass recomputes scores and probabilities
+    from q/k/v instead of keeping [t, s] arrays per layer (less memory, and on XLA:CPU faster than
+    zero-filling and reading back the scan's stacked residuals).
     """
     scale = 1.0 / math.sqrt(cfg.head_dim)
     b, t = q.shape[:2]
@@ -186,7 +198,7 @@ def _attention(q, k, v, mask: AttentionMask, cfg: ModelConfig, causal_self: bool
         bounds = [t * i // n for i in range(n + 1)]
         out = jnp.concatenate(
             [
-                _attend(
+                _attend_remat(
                     q[:, :, :, lo:hi],
                     k[:, :, :hi],
                     v[:, :, :hi],
@@ -198,7 +210,7 @@ def _attention(q, k, v, mask: AttentionMask, cfg: ModelConfig, causal_self: bool
             axis=3,
         )
     else:
-        out = _attend(q, k, v, mask.block(0, t), scale)
+        out = _attend_remat(q, k, v, mask.block(0, t), scale)
     return out.transpose(0, 3, 1, 2, 4)
 
 
