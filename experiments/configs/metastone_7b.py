@@ -10,50 +10,32 @@ model family, tokenizer, prompt template and response budget: 32 prompts x 8 sam
 mini-batch of 8 prompts, 1024 / 8192 tokens, temperature 0.6) with both learning rates halved,
 actor 5e-7 and SPRM head 5e-6, between the published 1.5B (1e-6 / 1e-5) and 32B (1e-7 / 3e-6)
 values. Target: a v5p-32 slice (16 chips, 95 GiB each), checked with msjax-aot (docs/aot.md).
+Shared settings (precision, remat, attention chunks, data): `msjax.rl.config.large_model_config`.
 """
 
-from msjax.rl.config import default_config
+from msjax.rl.config import large_model_config
+
+# DeepSeek-R1-Distill-Qwen-7B's config.json.
+ARCHITECTURE = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_layers=28,
+    num_heads=28,
+    num_kv_heads=4,
+    max_position_embeddings=131072,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
 
 
 def get_config():
-    c = default_config()
-    c.total_steps = 1000  # no published step count; raise it on the CLI
-    c.mesh.update(data=1, fsdp=-1, tensor=1)
-    # The start policy's weights and tokenizer: pass --config.init=/path/to/hf_or_msjax_dir.
-    # Left empty so msjax-aot works without weights; the architecture below is
-    # DeepSeek-R1-Distill-Qwen-7B's config.json.
-    c.init = ""
-    c.model.update(
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_layers=28,
-        num_heads=28,
-        num_kv_heads=4,
-        max_position_embeddings=131072,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    )
-    # fp32 master weights, bf16 compute, layer inputs only kept for the backward pass.
-    c.model_overrides.update(
-        dtype="bfloat16",
-        param_dtype="float32",
-        remat="full",
-        attention="chunked",
-        attention_chunk=1024,
-    )
-    c.data.update(name="local_math/default", template="r1", max_prompt_len=1024)
-    c.rollout.update(
-        prompts_per_step=32,
-        group_size=8,
-        max_new_tokens=8192,
-        temperature=0.6,
-        top_p=1.0,
-        max_rows_per_call=0,  # all 256 rollouts in one sampler call
-    )
+    c = large_model_config(ARCHITECTURE)
+    c.data.update(template="r1", max_prompt_len=1024)
+    c.rollout.update(prompts_per_step=32, max_new_tokens=8192, temperature=0.6)
     # 64 sequences per update in 4 micro-batches of 16 (one per chip on v5p-32).
-    c.train.update(ppo_mini_batch=8, ppo_epochs=1, micro_batch_size=16)
+    c.train.update(ppo_mini_batch=8)
     c.optim.update(lr=5e-7, head_lr=5e-6)
-    c.checkpoint.update(every_steps=10, keep=3)
+    c.checkpoint.update(every_steps=10)
     return c

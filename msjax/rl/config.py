@@ -105,6 +105,33 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def large_model_config(architecture: dict, *, tensor: int = 1) -> ml_collections.ConfigDict:
+    """`default_config()` set up for a real checkpoint: the base of the shipped MetaStone recipes.
+
+    architecture: ModelConfig fields of the start checkpoint's config.json (what `msjax-aot`
+    compiles when `init` is empty; `--config.init=/path/to/hf_dir` supplies the weights, the
+    tokenizer and the same architecture). Parameters are split over fsdp x `tensor`; fp32 master
+    weights (optimizer updates of lr ~1e-6 vanish in bf16), bf16 compute, only layer inputs kept
+    for the backward pass, attention 1024 queries at a time; math data from a local folder
+    (`msjax.data.build_local_math`).
+    """
+    c = default_config()
+    c.total_steps = 1000  # no official step count is published; raise it on the CLI
+    c.mesh.update(data=1, fsdp=-1, tensor=tensor)
+    c.init = ""
+    c.model = ml_collections.ConfigDict(architecture)
+    c.model_overrides.update(
+        dtype="bfloat16",
+        param_dtype="float32",
+        remat="full",
+        attention="chunked",
+        attention_chunk=1024,
+    )
+    c.data.update(name="local_math/default")
+    c.train.update(micro_batch_size=16)
+    return c
+
+
 def model_config(c: ml_collections.ConfigDict, base: ModelConfig | None = None) -> ModelConfig:
     """The ModelConfig: `base` (from the init folder) or config.model, plus model_overrides."""
     cfg = base if base is not None else ModelConfig(**c.model.to_dict())
