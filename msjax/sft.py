@@ -3,6 +3,7 @@
 The policy learns from `msjax.data.SftPipeline` batches (prompt + response + EOS, right-padded):
 
     loss = CE(response tokens) + spr_coef * L_SPR(step logits, outcome labels)
+                               + step_label_coef * BCE(step logits, TRUE step labels)
 
 CE is the mean negative log-likelihood of every response token (EOS included), over the whole
 batch. The optional SPR term warms the SPRM head up on the same forward pass, with OUTCOME labels
@@ -11,6 +12,12 @@ deliberately flawed solution from `msjax.data.MixedSolutions`), shared by all it
 `msjax.rl.spr`. The head reads the penultimate hidden state with its gradient into the backbone
 scaled by `head_grad_scale` (1e-4), so the CE term drives the backbone. The same two AdamW groups
 as RL (`msjax.rl.optimizer`) update backbone and head; `TrainState` is the RL train step's.
+
+The optional step-label term is NOT part of the method: it is a stand-in for the pre-training
+that gives a real LLM's hidden states their knowledge of whether a step is right. With data whose
+true step labels are known (the synthetic task), a BCE of the step logits against them, with the
+head's gradient into the backbone unscaled (`head_grad_scale` 1), shapes the backbone's features;
+the demo then re-initialises the head, so the SPRM used in RL learns from outcomes only.
 
     step = make_sft_step(graphdef, tx, SftLossConfig(spr_coef=1.0), tokenizer=tok)
     state = init_train_state(params, tx, seed)
@@ -36,7 +43,7 @@ from msjax.rl import grpo, spr
 from msjax.rl.train_step import TrainState
 from msjax.tokenizer import Tokenizer
 
-SFT_KEYS = ("tokens", "loss_mask", "lengths", "weights", "labels")
+SFT_KEYS = ("tokens", "loss_mask", "lengths", "weights", "labels", "step_labels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,16 +53,21 @@ class SftLossConfig:
     spr_coef: weight of the SPR term (0 = language modelling only; labels are then ignored).
     spr_variant / spr_threshold: as `msjax.rl.spr.spr_loss`.
     logprob_chunk: positions per chunk of the log-prob computation (memory only).
+    step_label_coef: weight of the BCE of the step logits against the batch's TRUE per-token
+      step labels `step_labels` (see the module docstring; 0 = off).
     """
 
     spr_coef: float = 0.0
     spr_variant: str = "spr"
     spr_threshold: float = 0.5
     logprob_chunk: int = 1024
+    step_label_coef: float = 0.0
 
     def __post_init__(self):
         if self.spr_coef < 0:
             raise ValueError(f"SftLossConfig.spr_coef={self.spr_coef} must be >= 0.")
+        if self.step_label_coef < 0:
+            raise ValueError(f"SftLossConfig.step_label_coef={self.step_label_coef} must be >= 0.")
         if self.spr_variant not in spr.VARIANTS:
             raise ValueError(
                 f"SftLossConfig.spr_variant={self.spr_variant!r}; choose one of {spr.VARIANTS}."
@@ -95,6 +107,35 @@ def outcome_labels(
     return labels
 
 
+def step_label_array(
+    batch: dict,
+    tokenizer: Tokenizer,
+    problem_of: Callable[[int], str] | Sequence[str],
+    label: str = "on_track",
+) -> np.ndarray:
+    """f32[batch, seq] TRUE step labels of an SftPipeline batch of synthetic-task rows: 1 / 0 at
+    each scored step position (`msjax.data.token_step_labels`, field `label`: "on_track" or
+    "locally_correct"), -1 everywhere else (no label; fill rows are all -1).
+
+    problem_of: the problem text by source index, a callable or a sequence.
+    """
+    from msjax.data import token_step_labels
+
+    if label not in ("on_track", "locally_correct"):
+        raise ValueError(f"step_label_array: label={label!r}; use on_track or locally_correct.")
+    get = problem_of if callable(problem_of) else problem_of.__getitem__
+    tokens = batch["tokens"]
+    out = np.full(tokens.shape, -1.0, np.float32)
+    rows = zip(batch["index"], batch["prompt_lengths"], batch["lengths"], strict=True)
+    for row, (index, p, n) in enumerate(rows):
+        if int(index) < 0:
+            continue
+        ids = [int(t) for t in tokens[row, : int(n)]]
+        lab = token_step_labels(tokenizer, str(get(int(index))), ids[: int(p)], ids[int(p) :])
+        out[row, lab.positions] = getattr(lab, label).astype(np.float32)
+    return out
+
+
 def _sft_losses(graphdef, params, batch, cfg: SftLossConfig, ids: tuple, dropout_rng):
     """(loss, metrics) of one batch; see the module docstring."""
     step_ids, think_start, think_end = ids
@@ -130,6 +171,16 @@ def _sft_losses(graphdef, params, batch, cfg: SftLossConfig, ids: tuple, dropout
         traj = trajectory_score(eval_logits, steps)
         gap = spr.score_gap_metrics(traj, batch["labels"], batch["weights"] > 0)
         metrics |= {"spr_loss": spr_loss, **{f"spr_{k}": v for k, v in spr_m.items()}, **gap}
+    if cfg.step_label_coef:
+        labels = batch["step_labels"]
+        known = steps & (labels >= 0)
+        logits = model.step_logits(out.penultimate, dropout_rng)
+        # BCE with logits: softplus(z) - y z.
+        bce = jax.nn.softplus(logits) - jnp.clip(labels, 0.0, 1.0) * logits
+        n_known = jnp.maximum(jnp.sum(known), 1)
+        step_loss = jnp.sum(jnp.where(known, bce, 0.0)) / n_known
+        total = total + cfg.step_label_coef * step_loss
+        metrics |= {"step_label_loss": step_loss, "labelled_steps": jnp.sum(known)}
     metrics["steps_per_response"] = jnp.sum(steps) / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
     return total, metrics
 
@@ -183,15 +234,17 @@ def make_sft_step(
     jitted = jax.jit(step_fn, donate_argnums=0)
 
     def run(state: TrainState, batch: dict):
-        missing = [
-            k for k in SFT_KEYS if k not in batch and not (k == "labels" and not cfg.spr_coef)
-        ]
+        optional = {"labels": not cfg.spr_coef, "step_labels": not cfg.step_label_coef}
+        missing = [k for k in SFT_KEYS if k not in batch and not optional.get(k, False)]
         if missing:
             raise KeyError(
-                f"SFT batch lacks {missing}; use SftPipeline batches (labels from outcome_labels)."
+                f"SFT batch lacks {missing}; use SftPipeline batches (labels from "
+                "outcome_labels, step_labels from step_label_array)."
             )
         feed = {k: jnp.asarray(batch[k]) for k in SFT_KEYS if k in batch}
         feed.setdefault("labels", jnp.zeros(feed["tokens"].shape[:1], jnp.float32))
+        if not cfg.step_label_coef:
+            feed.pop("step_labels", None)
         feed["weights"] = feed["weights"].astype(jnp.float32)
         feed["loss_mask"] = feed["loss_mask"].astype(jnp.float32)
         feed["labels"] = feed["labels"].astype(jnp.float32)
@@ -213,15 +266,19 @@ def train_sft(
     seed: int = 0,
     progress: bool = True,
     on_metrics: Callable[[int, dict], None] | None = None,
+    step_labeler: Callable[[dict], np.ndarray] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Runs `steps` SFT updates from `params` (a pure dict; its arrays are donated to the train
     state, so copy them first to keep using them) over `batches` (an SftPipeline iterator);
     returns (params, one metrics dict per step). `on_metrics(step, metrics)` is called after
-    every update (1-based step)."""
+    every update (1-based step). `step_labeler(batch) -> f32[batch, seq]` (e.g. a partial of
+    `step_label_array`) gives the true step labels when cfg.step_label_coef > 0."""
     from msjax.rl.train_step import init_train_state
 
     if steps < 1:
         raise ValueError(f"train_sft: steps={steps} must be >= 1.")
+    if cfg.step_label_coef and step_labeler is None:
+        raise ValueError("train_sft: step_label_coef > 0 needs a step_labeler.")
     step = make_sft_step(graphdef, tx, cfg, tokenizer=tokenizer)
     state = jax.jit(lambda p: init_train_state(p, tx, seed))(params)
     bar = None
@@ -235,6 +292,8 @@ def train_sft(
             batch = dict(next(batches))
             if cfg.spr_coef:
                 batch["labels"] = outcome_labels(batch, tokenizer, answer_of)
+            if cfg.step_label_coef:
+                batch["step_labels"] = step_labeler(batch)
             state, m = step(state, batch)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             if not np.isfinite(m["loss"]):

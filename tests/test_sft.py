@@ -18,7 +18,14 @@ from msjax.data.synthetic_tokenizer import build_synthetic_tokenizer
 from msjax.models import ModelConfig, create_model
 from msjax.rl.optimizer import OptimizerConfig, make_optimizer
 from msjax.rl.train_step import init_train_state
-from msjax.sft import SftLossConfig, make_sft_step, outcome_labels, response_texts, train_sft
+from msjax.sft import (
+    SftLossConfig,
+    make_sft_step,
+    outcome_labels,
+    response_texts,
+    step_label_array,
+    train_sft,
+)
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +176,76 @@ def test_training_lowers_ce_and_separates_scores(records, tok, model_and_cfg):
     # the head learns the outcome labels of this batch (bce: every step trains)
     assert history[-1]["spr_bce_mean"] < history[0]["spr_bce_mean"] - 0.03
     assert history[-1]["score_gap"] > history[0]["score_gap"] + 0.04
+
+
+def test_step_label_array_follows_the_error(records, tok):
+    batch = _batch(records, tok, flawed=0.5)
+    batch["index"][-1] = -1  # a fill row gets no labels
+    problems = [r["problem"].decode() for r in records]
+    labels = step_label_array(batch, tok, problems)
+    outcome = outcome_labels(batch, tok, [r["answer"] for r in records])
+    assert labels.shape == batch["tokens"].shape
+    assert np.all(labels[-1] == -1)
+    n_flawed = 0
+    for row in range(len(labels) - 1):
+        n, p = int(batch["lengths"][row]), int(batch["prompt_lengths"][row])
+        pos = step_positions(
+            batch["tokens"][row, :n], tok.step_ids, tok.think_start_id, tok.think_end_id, p
+        )
+        assert len(pos) > 0
+        # labelled exactly at the SPRM's step positions
+        np.testing.assert_array_equal(np.flatnonzero(labels[row] >= 0), pos)
+        y = labels[row, pos]
+        if outcome[row]:
+            assert np.all(y == 1)  # a gold solution is on track at every step
+        else:
+            n_flawed += 1
+            # on track until the error, off track from it on (to the end)
+            assert y[-1] == 0 and np.all(np.diff(y) <= 0)
+    assert n_flawed > 0
+    local = step_label_array(batch, tok, problems, label="locally_correct")
+    assert np.all((local >= 0) == (labels >= 0))
+    with pytest.raises(ValueError, match="label"):
+        step_label_array(batch, tok, problems, label="outcome")
+
+
+def test_step_label_loss_matches_numpy(records, tok, model_and_cfg):
+    model, cfg = model_and_cfg
+    batch = _batch(records, tok, flawed=0.5)
+    batch["weights"][-1] = 0.0
+    batch["index"][-1] = -1
+    problems = [r["problem"].decode() for r in records]
+    batch["step_labels"] = step_label_array(batch, tok, problems)
+    ce_ref, _, _ = _references(model, cfg, batch, tok, np.zeros(len(batch["index"])))
+    graphdef, state = nnx.split(model)
+    tokens = batch["tokens"]
+    b, t = tokens.shape
+    valid = np.arange(t)[None] < batch["lengths"][:, None]
+    positions = np.broadcast_to(np.arange(t), (b, t))
+
+    @jax.jit
+    def step_logits(state):
+        m = nnx.merge(graphdef, state)
+        return m.step_logits(m(tokens, positions, valid).penultimate)
+
+    z = np.asarray(step_logits(state), np.float64)
+    y = batch["step_labels"]
+    known = y >= 0
+    bce = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+    ref = bce[known].mean()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tx = make_optimizer(OptimizerConfig(lr=0.0, head_lr=0.0))
+    step = make_sft_step(graphdef, tx, SftLossConfig(step_label_coef=2.0), tokenizer=tok)
+    _, m = step(init_train_state(jax.tree.map(np.copy, params), tx, 0), batch)
+    assert int(m["labelled_steps"]) == known.sum()
+    assert float(m["step_label_loss"]) == pytest.approx(ref, rel=1e-5)
+    assert float(m["loss"]) == pytest.approx(ce_ref + 2.0 * ref, rel=1e-5)
+    with pytest.raises(KeyError, match="step_labels"):
+        step(None, {k: v for k, v in batch.items() if k != "step_labels"})
+    with pytest.raises(ValueError, match="step_labeler"):
+        train_sft({}, graphdef, tx, SftLossConfig(step_label_coef=1.0), iter([]), tok, [], steps=1)
+    with pytest.raises(ValueError, match="step_label_coef"):
+        SftLossConfig(step_label_coef=-1.0)
 
 
 def test_bad_inputs(records, tok, model_and_cfg):
