@@ -17,12 +17,12 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check msjax tests experiments
-	$(VENV)/bin/ruff format --check msjax tests experiments
+	$(VENV)/bin/ruff check msjax tests experiments setup.py
+	$(VENV)/bin/ruff format --check msjax tests experiments setup.py
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix msjax tests experiments
-	$(VENV)/bin/ruff format msjax tests experiments
+	$(VENV)/bin/ruff check --fix msjax tests experiments setup.py
+	$(VENV)/bin/ruff format msjax tests experiments setup.py
 
 test: lint
 	$(PY) -m pytest -n 2 tests

@@ -1,5 +1,7 @@
 """msjax: MetaStone-S1 reflective generative models in JAX/Flax."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 CORE = [
@@ -26,7 +28,7 @@ setup(
     name="msjax",
     version="0.1.0",
     description="MetaStone-S1 reflective generative models (policy + SPRM head) in JAX/Flax",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["msjax", "msjax.*"]),
