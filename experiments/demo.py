@@ -7,8 +7,12 @@ its results and seconds; a finished stage is skipped, so an interrupted run pick
 stopped, and the RL trainer resumes from its own latest checkpoint):
 
   data         synthetic tokenizer (out/tokenizer) and synthetic_steps dataset (out/data)
-  sft          supervised warm start on gold + deliberately flawed solutions, with the SPRM head
-               warmed up by the SPR loss on the SFT data's outcome labels (out/sft)
+  sft          supervised warm start on gold + deliberately flawed solutions (out/sft), in two
+               phases: "features" (sft.feature_steps; a stand-in for pre-training: CE plus a head
+               trained on the TRUE step labels with its gradient into the backbone unscaled, so
+               the backbone learns features that tell right from wrong steps; that head is then
+               discarded), then "sft" (CE, with a FRESH SPRM head warmed up by the SPR loss on the
+               SFT data's outcome labels only)
   eval_before  pass@1 of the warm-started policy on held-out problems
   rl           GRPO + SPR with msjax.rl.Trainer from out/sft (workdir out/rl)
   eval_after   k_max samples per held-out problem: pass@1, BoN / majority / weighted / random at
@@ -20,6 +24,7 @@ stopped, and the RL trainer resumes from its own latest checkpoint):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -193,47 +198,79 @@ class Demo:
         from msjax.models import create_model
         from msjax.rl.config import model_config
         from msjax.rl.optimizer import OptimizerConfig, make_optimizer
-        from msjax.sft import SftLossConfig, train_sft
+        from msjax.sft import SftLossConfig, step_label_array, train_sft
 
         s = self.c.sft
         cfg = model_config(self.c)
-        # The head's gradient into the backbone during SFT (the saved model keeps cfg's value,
-        # the official 1e-4, for RL).
-        model = create_model(cfg.replace(head_grad_scale=s.head_grad_scale), seed=self.c.seed)
-        graphdef, _ = nnx.split(model)
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         src = self.source("train")
         pipeline = SftPipeline(
             src,
             self.tokenizer,
             batch_size=s.batch_size,
             max_len=s.max_len,
-            response_fn=MixedSolutions(s.flawed_fraction),
+            response_fn=MixedSolutions(s.flawed_fraction, kinds=tuple(s.error_kinds)),
             template=self.c.data.template,
             suffix=self.c.data.suffix or None,
             seed=self.c.seed,
             shard_index=0,
             shard_count=1,
         )
-        tx = make_optimizer(
-            OptimizerConfig(lr=s.lr, head_lr=s.head_lr, warmup_steps=s.warmup_steps)
-        )
-        loss = SftLossConfig(
-            spr_coef=s.spr_coef, spr_variant=s.spr_variant, spr_threshold=s.spr_threshold
-        )
+        batches = iter(pipeline)
+        model = create_model(cfg, seed=self.c.seed)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         rows = []
-        params, history = train_sft(
+
+        def phase(params, name, steps, head_grad_scale, loss, labeler=None):
+            # The head's gradient into the backbone is the phase's own (the saved model keeps
+            # cfg's value, the official 1e-4, for RL).
+            graphdef, _ = nnx.split(create_model(cfg.replace(head_grad_scale=head_grad_scale)))
+            tx = make_optimizer(
+                OptimizerConfig(lr=s.lr, head_lr=s.head_lr, warmup_steps=s.warmup_steps)
+            )
+            offset = len(rows)
+            return train_sft(
+                params,
+                graphdef,
+                tx,
+                loss,
+                batches,
+                self.tokenizer,
+                lambda i: as_text(src[i]["answer"]),
+                steps=steps,
+                seed=self.c.seed,
+                progress=self.c.log.progress,
+                on_metrics=lambda i, m: rows.append({"step": offset + i, "phase": name, **m}),
+                step_labeler=labeler,
+            )
+
+        if s.feature_steps:
+            # Stand-in for pre-training (see msjax.sft): the backbone learns features that tell
+            # right from wrong steps, through a head trained on the TRUE step labels with its
+            # gradient unscaled. That head is then discarded: the SPRM starts afresh.
+            labeler = functools.partial(
+                step_label_array,
+                tokenizer=self.tokenizer,
+                problem_of=lambda i: as_text(src[i]["problem"]),
+                label=s.feature_label,
+            )
+            params, _ = phase(
+                params,
+                "features",
+                s.feature_steps,
+                1.0,
+                SftLossConfig(step_label_coef=s.feature_coef),
+                labeler,
+            )
+            fresh = create_model(cfg, seed=self.c.seed + 1)
+            params["head"] = nnx.to_pure_dict(nnx.state(fresh.head, nnx.Param))
+        params, history = phase(
             params,
-            graphdef,
-            tx,
-            loss,
-            iter(pipeline),
-            self.tokenizer,
-            lambda i: as_text(src[i]["answer"]),
-            steps=s.steps,
-            seed=self.c.seed,
-            progress=self.c.log.progress,
-            on_metrics=lambda step, m: rows.append({"step": step, **m}),
+            "sft",
+            s.steps,
+            s.head_grad_scale,
+            SftLossConfig(
+                spr_coef=s.spr_coef, spr_variant=s.spr_variant, spr_threshold=s.spr_threshold
+            ),
         )
         state = nnx.state(model, nnx.Param)
         nnx.replace_by_pure_dict(state, params)

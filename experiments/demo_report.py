@@ -98,7 +98,8 @@ def _smooth(values: list[float], window: int = 20) -> np.ndarray:
 def plot_training_curves(rows: list[dict], sft_rows: list[dict], path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    if sft_rows and "score_correct" in sft_rows[0]:
+    sft_rows = [r for r in sft_rows if "score_correct" in r]  # not the "features" phase
+    if sft_rows:
         x = [r["step"] for r in sft_rows]
         for key, label in (("score_correct", "correct (gold)"), ("score_wrong", "wrong (flawed)")):
             axes[0].plot(x, _smooth([r[key] for r in sft_rows]), label=label)
@@ -133,12 +134,18 @@ def _num(x) -> str:
 
 def markdown(report: dict, config) -> str:
     ks = sorted(int(k) for k in report["bon"])
+    features = ""
+    if config.sft.get("feature_steps"):
+        features = (
+            f"feature phase {config.sft.feature_steps} steps (true {config.sft.feature_label} "
+            "step labels, head discarded), "
+        )
     lines = [
         "# msjax demo report",
         "",
         f"Synthetic step task ({config.task.min_steps}-{config.task.max_steps} operations), "
         f"Qwen2-architecture model with hidden size {config.model.hidden_size}, "
-        f"{config.model.num_layers} layers; SFT {config.sft.steps} steps, GRPO + SPR "
+        f"{config.model.num_layers} layers; {features}SFT {config.sft.steps} steps, GRPO + SPR "
         f"{config.total_steps} steps; {report['eval_problems']} held-out problems, "
         f"{report['eval_k_max']} samples each at temperature {config.eval.temperature}. "
         f"Total {report['minutes']:.1f} minutes.",

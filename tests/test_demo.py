@@ -78,6 +78,17 @@ def test_second_invocation_resumes(demo_runs):
         assert f"stage {stage:<11s} finished" in second, stage
     rows = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # RL was not run again
+    sft = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    # the feature phase (true step labels), then SFT with the outcome warm-up of a fresh head
+    assert [(r["step"], r["phase"]) for r in sft] == [
+        (1, "features"),
+        (2, "features"),
+        (3, "sft"),
+        (4, "sft"),
+        (5, "sft"),
+    ]
+    assert all("step_label_loss" in r for r in sft[:2])
+    assert all("spr_loss" in r and "step_label_loss" not in r for r in sft[2:])
     # resuming with another recipe would mix two runs: refused before anything runs
     err = run_demo(out, "--config.sft.steps=4", expect_rc=1)
     assert "another recipe" in err and "['sft']" in err

@@ -54,10 +54,13 @@ def get_config(variant: str = ""):
     )
     c.sft = ml_collections.ConfigDict(
         dict(
-            steps=800,
+            steps=1000,
             batch_size=32,
             max_len=80,
             flawed_fraction=0.3,
+            # Errors of the flawed solutions: arithmetic only (a step's own numbers show it is
+            # wrong; see docs/experiments.md for all three kinds).
+            error_kinds=("arithmetic",),
             lr=4e-3,
             head_lr=1e-3,
             warmup_steps=20,
@@ -66,9 +69,16 @@ def get_config(variant: str = ""):
             spr_variant="bce",
             spr_threshold=0.5,
             head_grad_scale=1e-4,
+            # Stand-in for pre-training (msjax.sft), run before the steps above: a head trained
+            # on the TRUE step labels of the SFT data, its gradient into the backbone unscaled,
+            # shapes the backbone's features; it is then discarded (the SPRM starts afresh).
+            # 0 = off.
+            feature_steps=2000,
+            feature_coef=1.0,
+            feature_label="locally_correct",  # or "on_track"
         )
     )
-    c.total_steps = 40
+    c.total_steps = 80
     c.rollout.update(
         prompts_per_step=16,
         group_size=8,
@@ -99,7 +109,7 @@ def get_config(variant: str = ""):
     if variant == "micro":
         c.model.update(hidden_size=32, intermediate_size=64, num_layers=2)
         c.task.update(num_train=128, num_test=16, max_steps=3)
-        c.sft.update(steps=3, batch_size=8, warmup_steps=0)
+        c.sft.update(steps=3, feature_steps=2, batch_size=8, warmup_steps=0)
         c.total_steps = 2
         c.rollout.update(prompts_per_step=2, group_size=4, max_new_tokens=40)
         c.train.update(ppo_mini_batch=2)
