@@ -1,6 +1,6 @@
 """Decoding speed: msjax's jitted KV-cache sampler against transformers `generate`, same model.
 
-    python experiments/bench_decode.py [--json] [--runs 5] [--hf_runs 3] [--batch 32]
+    python -m experiments.bench_decode [--json] [--runs 5] [--hf_runs 3] [--batch 32]
 
 A random Hugging Face Qwen2 (hidden 256, 4 layers, 8 heads, 4 kv heads, intermediate 688, vocab
 2048, fp32) is saved with save_pretrained and loaded into msjax with `msjax.checkpoint.load_any`,
@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from experiments.bench_model import MODEL, random_hf_qwen2  # noqa: E402
 from msjax.generate import Sampler, SamplerConfig  # noqa: E402
 from msjax.generate import steps as st  # noqa: E402
 from msjax.models import step_mask, trajectory_score  # noqa: E402
@@ -50,16 +51,6 @@ flags.DEFINE_integer("batch", 32, "Sequences per batch.")
 flags.DEFINE_integer("prompt_len", 32, "Prompt length (left-padded, lengths vary by up to 8).")
 flags.DEFINE_integer("new_tokens", 256, "New tokens per sequence.")
 flags.DEFINE_integer("seed", 0, "Seed for the weights and prompts.")
-
-MODEL = dict(
-    hidden_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    intermediate_size=688,
-    vocab_size=2048,
-    max_position_embeddings=1024,
-)
 
 
 def _times(fns: dict, runs: int) -> dict[str, list[float]]:
@@ -77,12 +68,7 @@ def _times(fns: dict, runs: int) -> dict[str, list[float]]:
 
 
 def _hf_model(seed: int, path: str):
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(**MODEL, torch_dtype="float32", tie_word_embeddings=False)
-    model = transformers.Qwen2ForCausalLM(config).eval()
+    model = random_hf_qwen2(seed).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     model.save_pretrained(path)

@@ -1,6 +1,6 @@
 """Training speed: msjax's full GRPO + SPR train step against transformers forward+backward+AdamW.
 
-    python experiments/bench_train_step.py [--json] [--runs 5] [--batch 8] [--seq 256]
+    python -m experiments.bench_train_step [--json] [--runs 5] [--batch 8] [--seq 256]
 
 A random Hugging Face Qwen2 (hidden 256, 4 layers, 8 heads, 4 kv heads, intermediate 688, vocab
 2048, fp32; the bench_decode model) is saved with save_pretrained and loaded into msjax with
@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from experiments.bench_model import MODEL, random_hf_qwen2  # noqa: E402
 from msjax.hf import load_hf  # noqa: E402
 from msjax.models import step_mask  # noqa: E402
 from msjax.rl.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
@@ -58,15 +59,6 @@ flags.DEFINE_integer("microbatches", 1, "msjax LossConfig.num_microbatches.")
 flags.DEFINE_integer("seed", 0, "Seed for the weights and tokens.")
 flags.DEFINE_integer("threads", 0, "CPU threads for both sides (0 = every core allowed).")
 
-MODEL = dict(
-    hidden_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    intermediate_size=688,
-    vocab_size=2048,
-    max_position_embeddings=1024,
-)
 STEP_ID = 13
 
 
@@ -94,12 +86,7 @@ def _timed(fn, runs: int) -> tuple[float, float, list[float]]:
 
 
 def _hf_model(seed: int, path: str):
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(**MODEL, dtype="float32", tie_word_embeddings=False)
-    model = transformers.Qwen2ForCausalLM(config)
+    model = random_hf_qwen2(seed)
     model.save_pretrained(path)
     return model.train()
 
