@@ -47,4 +47,5 @@ def get_config():
     c.train.update(ppo_mini_batch=128)
     c.optim.update(lr=1e-7, head_lr=3e-6)
     c.checkpoint.update(every_steps=5)
+    c.reward.update(manager="prime")  # the original 32B run's reward manager
     return c

@@ -11,6 +11,7 @@ import dataclasses
 import ml_collections
 
 from msjax.models.config import ModelConfig
+from msjax.rewards.outcome import check_reward_config
 from msjax.rl.optimizer import OptimizerConfig
 from msjax.rl.train_step import LossConfig
 
@@ -76,8 +77,6 @@ def default_config() -> ml_collections.ConfigDict:
             temperature=0.6,
             top_p=1.0,
             top_k=0,
-            # The official recipe's 0.1 for a wrong response that never reached EOS; < 0 = off.
-            missing_eos_reward=-1.0,
             reward_workers=2,
             reward_timeout_s=10.0,
             # Sequences per sampler call (whole groups; bounds the KV cache, which holds
@@ -85,6 +84,9 @@ def default_config() -> ml_collections.ConfigDict:
             max_rows_per_call=0,
         )
     )
+    # The outcome reward (msjax.rewards.outcome): name "math" | "official" (the original's
+    # rule), manager "naive" | "prime" (the original's reward manager, "official" only).
+    c.reward = ml_collections.ConfigDict(dict(name="math", manager="naive"))
     c.train = ml_collections.ConfigDict(
         dict(
             ppo_mini_batch=8,  # prompts per optimizer update (x group_size sequences)
@@ -113,7 +115,8 @@ def large_model_config(architecture: dict, *, tensor: int = 1) -> ml_collections
     tokenizer and the same architecture). Parameters are split over fsdp x `tensor`; fp32 master
     weights (optimizer updates of lr ~1e-6 vanish in bf16), bf16 compute, only layer inputs kept
     for the backward pass, attention 1024 queries at a time; math data from a local folder
-    (`msjax.data.build_local_math`).
+    (`msjax.data.build_local_math`); the original's outcome reward ("official", "naive"
+    manager as in the 1.5B run; the 32B recipe sets "prime").
     """
     c = default_config()
     c.total_steps = 1000  # no official step count is published; raise it on the CLI
@@ -128,6 +131,7 @@ def large_model_config(architecture: dict, *, tensor: int = 1) -> ml_collections
         attention_chunk=1024,
     )
     c.data.update(name="local_math/default")
+    c.reward.update(name="official", manager="naive")
     c.train.update(micro_batch_size=16)
     return c
 
@@ -204,3 +208,4 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int = 1) -> None:
             "config.mesh."
         )
     optimizer_config(c)
+    check_reward_config(c)

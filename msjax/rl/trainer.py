@@ -41,11 +41,11 @@ from msjax import checkpoint as ckpt
 from msjax import sharding as sh
 from msjax.data import build_synthetic_steps, build_synthetic_tokenizer, load_source
 from msjax.data.pipeline import PromptPipeline
-from msjax.generate.config import EOS, FINISH_REASONS, STOP, SamplerConfig
+from msjax.generate.config import FINISH_REASONS, SamplerConfig
 from msjax.generate.sampler import Sampler, SampleResult
 from msjax.metrics import MetricsWriter
 from msjax.models.reflective import abstract_model, create_model
-from msjax.rewards.math import MathVerifier
+from msjax.rewards.outcome import OutcomeReward
 from msjax.rl import config as rlc
 from msjax.rl import rollout, spr
 from msjax.rl.optimizer import make_optimizer
@@ -131,7 +131,7 @@ class Trainer:
         self.pipeline = self._pipeline()
         self.data_iter = iter(self.pipeline)
         self.sampler = Sampler(graphdef, self.model_cfg, self._sampler_config(), self.mesh)
-        self.verifier = None
+        self.reward = None
         self.rl_step = 0
         self.manager = ocp.CheckpointManager(
             ckpt.checkpoints_path(self.workdir),
@@ -327,10 +327,12 @@ class Trainer:
         mask = np.arange(tokens.shape[1])[None] >= tokens.shape[1] - lengths[:, None]
         key = jax.random.fold_in(jax.random.PRNGKey(c.seed), self.rl_step)
         res = self._sample(tokens, mask, n, key)
-        responses = [self.tokenizer.decode(res.response(r)) for r in range(res.tokens.shape[0])]
-        golds = [str(a) for a in np.repeat(batch["answer"], n)]
-        finished = np.isin(res.finish, (EOS, STOP))
-        rewards = self.verifier.verify_batch(responses, golds, finished)
+        rows = np.repeat(np.arange(tokens.shape[0]), n)
+        rewards = self.reward(
+            [tokens[p, tokens.shape[1] - lengths[p] :] for p in rows],
+            [res.response(r) for r in range(res.tokens.shape[0])],
+            [str(batch["answer"][p]) for p in rows],
+        )
         tb = rollout.train_batch(
             tokens,
             lengths,
@@ -439,13 +441,7 @@ class Trainer:
 
             bar = tqdm(total=c.total_steps, initial=self.rl_step, desc="RL+SPR", unit="step")
         last: dict = {}
-        self.verifier = MathVerifier(
-            num_workers=c.rollout.reward_workers,
-            timeout_s=c.rollout.reward_timeout_s,
-            missing_eos_reward=None
-            if c.rollout.missing_eos_reward < 0
-            else c.rollout.missing_eos_reward,
-        )
+        self.reward = OutcomeReward.from_config(c, self.tokenizer)
         try:
             stop = False
             while self.rl_step < c.total_steps and not (stop := self._stop_agreed()):
@@ -480,7 +476,7 @@ class Trainer:
             writer.close()
             if bar is not None:
                 bar.close()
-            self.verifier.close()
+            self.reward.close()
         return last
 
     def close(self) -> None:

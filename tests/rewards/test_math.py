@@ -1,11 +1,20 @@
-"""Math outcome rewards: boxed-answer extraction, >= 40 equivalence cases, the worker pool path."""
+"""Math outcome rewards: answer extraction (think span, multi-box runs, list golds), >= 40
+equivalence cases, the worker pool path."""
 
 import time
 
 import numpy as np
 import pytest
 
-from msjax.rewards.math import MathVerifier, extract_boxed, fast_match, math_reward
+from msjax.rewards.math import (
+    MathVerifier,
+    answer_items,
+    extract_boxed,
+    fast_match,
+    final_boxes,
+    gold_items,
+    math_reward,
+)
 
 
 def B(answer: str) -> str:
@@ -87,6 +96,27 @@ CASES = [
     ("\\boxed 7", "7", 1),
     ("\\boxed{7", "7", 0),  # never closed
     ("\\boxed{32}", "\\boxed{32}", 1),  # a gold answer with its own box
+    # a multi-box answer is graded as a whole; a list gold pairs off in any order
+    ("\\boxed{2} and \\boxed{3}", "2, 3", 1),
+    ("$\\boxed{3}$, $\\boxed{2}$.", "2, 3", 1),
+    ("\\boxed{-1} \\text{ or } \\boxed{\\frac{1}{2}}", "0.5, -1", 1),
+    ("\\boxed{2}\\quad\\boxed{3}", "\\boxed{3}, \\boxed{2}", 1),  # gold written as boxes
+    ("\\boxed{2, 3}", "\\boxed{2} \\boxed{3}", 1),
+    ("\\boxed{2} and \\boxed{3}", "2", 0),  # as a whole: not the gold's single value
+    ("\\boxed{3} and \\boxed{2}", "2", 0),  # the old last-box rule gave 1
+    ("\\boxed{2} and \\boxed{4}", "2, 3", 0),
+    ("\\boxed{2}, \\boxed{2}", "2, 3", 0),  # one-to-one: 2 cannot stand for 3
+    ("\\boxed{2}, \\boxed{3}, \\boxed{4}", "3, 4", 0),
+    ("\\boxed{2}", "2, 3", 0),
+    ("\\boxed{(1, 2)}", "(1,2)", 1),  # a tuple is one item
+    ("\\boxed{(2, 1)}", "(1,2)", 0),
+    ("\\boxed{1,000}", "\\boxed{1000}", 1),  # a thousands comma does not split
+    # only the text after </think> is graded; an unclosed think span has no answer
+    ("<think>\nso \\boxed{5}.\n\n</think>\n\nThe answer is \\boxed{4}.", "4", 1),
+    ("<think>\nso \\boxed{4}.\n\n</think>\n\nThe answer is \\boxed{5}.", "4", 0),
+    ("<think>\nso \\boxed{4}.\n\n</think>\n\nThe answer is 4.", "4", 0),
+    ("<think>\nso \\boxed{4}.\n\nBut", "4", 0),  # truncated while thinking
+    ("so \\boxed{4}.\n\n</think>\n\n\\boxed{4}", "4", 1),  # <think> was in the prompt
 ]
 
 
@@ -111,12 +141,24 @@ def test_extract_boxed():
     assert extract_boxed("\\boxedfoo{1}") is None
 
 
-def test_missing_eos_reward():
-    wrong, right = B("3"), B("4")
-    assert math_reward(wrong, "4", finished=False, missing_eos_reward=0.1) == pytest.approx(0.1)
-    assert math_reward(wrong, "4", finished=True, missing_eos_reward=0.1) == 0.0
-    assert math_reward(right, "4", finished=False, missing_eos_reward=0.1) == 1.0
-    assert math_reward(wrong, "4", finished=False) == 0.0
+def test_a_think_span_opened_in_the_prompt_needs_its_end():
+    thinking = "so \\boxed{4}.\n\nand more"
+    assert math_reward(thinking, "4") == 1.0  # no think tags anywhere: the whole response
+    assert math_reward(thinking, "4", prompt="Q\n<think>\n") == 0.0  # still thinking
+    assert math_reward(thinking + "</think>\\boxed{4}", "4", prompt="Q\n<think>\n") == 1.0
+
+
+def test_answer_items_and_final_boxes():
+    assert final_boxes("First \\boxed{3}, but wait, it is \\boxed{4}") == ["4"]
+    assert final_boxes("$\\boxed{2}$, $\\boxed{3}$ and \\boxed{4}.") == ["2", "3", "4"]
+    assert final_boxes("\\boxed{2} \\text{ and } \\boxed{3}") == ["2", "3"]
+    assert final_boxes("\\boxed{2} then \\boxed{3") == []  # the last box never closes
+    assert final_boxes("\\boxed{\\boxed{5}}") == ["5"]
+    assert answer_items("(1, 2), [3,4), \\{5,6\\}") == ["(1, 2)", "[3,4)", "\\{5,6\\}"]
+    assert answer_items("1,000,000") == ["1,000,000"]
+    assert answer_items("10,20, 3,") == ["10", "20", "3"]
+    assert gold_items("\\boxed{2}, \\boxed{3, 4}") == ["2", "3", "4"]
+    assert gold_items("7") == ["7"]
 
 
 def test_fast_path_decides_plain_numbers_and_words():
@@ -148,10 +190,10 @@ def test_verify_batch_matches_single_item_rewards(verifier):
     np.testing.assert_array_equal(rewards, [float(e) for *_, e in CASES])
     c = verifier.counters()
     assert c["items"] == len(CASES) and c["verified"] > 10 and c["fast"] > 10
-    unfinished = verifier.verify_batch(
-        [B("1"), B("2")], ["2", "2"], finished=[False, False]
-    )  # no missing-EOS reward configured: a plain 0
-    np.testing.assert_array_equal(unfinished, [0.0, 1.0])
+    # prompts say whether a think span is open: then only an answer after </think> counts
+    thinking = ["so \\boxed{2}", "so \\boxed{2}</think>\\boxed{2}"]
+    with_prompts = verifier.verify_batch(thinking, ["2", "2"], prompts=["Q<think>\n"] * 2)
+    np.testing.assert_array_equal(with_prompts, [0.0, 1.0])
 
 
 def test_pathological_answer_finishes_within_timeout():
@@ -162,16 +204,12 @@ def test_pathological_answer_finishes_within_timeout():
 
 
 def test_hung_worker_is_replaced_and_counted():
-    with MathVerifier(
-        num_workers=1, timeout_s=1.0, compare_fn=_sleepy_compare, missing_eos_reward=0.1
-    ) as v:
+    with MathVerifier(num_workers=1, timeout_s=1.0, compare_fn=_sleepy_compare) as v:
         # None of these is decided by the fast path, so all go to the workers.
         responses = [B("hang+1"), B("a+b"), B("hang-2"), B("a-b"), B("p*q")]
         golds = ["1+hang", "b+a", "x", "b+a", "x"]
-        finished = [True, True, False, True, False]
-        rewards = v.verify_batch(responses, golds, finished=finished)
-        # A timed-out item is wrong: 0, or the missing-EOS reward when unfinished.
-        np.testing.assert_allclose(rewards, [0.0, 1.0, 0.1, 0.0, 0.1])
+        rewards = v.verify_batch(responses, golds)
+        np.testing.assert_allclose(rewards, [0.0, 1.0, 0.0, 0.0, 0.0])  # a timed-out item is wrong
         c = v.counters()
         assert (c["verified"], c["timeouts"], c["replaced"], c["errors"]) == (5, 2, 2, 0)
         np.testing.assert_array_equal(v.verify_batch([B("c*d")], ["d*c"]), [1.0])
@@ -181,6 +219,10 @@ def test_bad_batch_arguments():
     v = MathVerifier(num_workers=1)
     with pytest.raises(ValueError, match="2 responses but 1 gold"):
         v.verify_batch(["a", "b"], ["a"])
-    with pytest.raises(ValueError, match="finished has shape"):
-        v.verify_batch(["a"], ["a"], finished=[True, False])
+    with pytest.raises(ValueError, match="1 responses but 2 prompts"):
+        v.verify_batch(["a"], ["a"], prompts=["p", "q"])
+    with pytest.raises(ValueError, match="unknown reward 'exact'"):
+        MathVerifier(reward="exact")
+    with pytest.raises(ValueError, match="unknown reward manager 'dapo'"):
+        MathVerifier(reward="official", manager="dapo")
     v.close()
