@@ -13,7 +13,8 @@ those of `msjax.generate.tts`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -55,6 +56,83 @@ def within_problem_auroc(scores, correct) -> tuple[float, int]:
         if c.any() and not c.all()
     ]
     return (float(np.mean(values)) if values else float("nan")), len(values)
+
+
+# --- the original's metric: candidates pooled over runs, Best-of-N over disjoint groups --------
+
+
+@dataclasses.dataclass
+class PooledProblem:
+    """One problem's candidates from every run: key (its prompt), gold answer, and per candidate
+    in run order: correct (bool) and score (the SPRM trajectory score)."""
+
+    key: str
+    gold: str
+    correct: list[bool]
+    scores: list[float]
+
+
+def pool_candidates(
+    rows: Iterable[tuple[str, str, Sequence[bool], Sequence[float]]],
+) -> list[PooledProblem]:
+    """Joins the candidates of rows with the same key, in row order (files, then lines), as the
+    original's metric pools its run files by prompt; problems come in first-seen order.
+
+    rows: (key, gold, correct per candidate, score per candidate). Returns list[PooledProblem].
+    A row whose lists differ in length, or whose gold differs from the key's first row, raises
+    ValueError naming the key.
+    """
+    pooled: dict[str, PooledProblem] = {}
+    for key, gold, correct, scores in rows:
+        if len(correct) != len(scores):
+            raise ValueError(
+                f"problem {key[:80]!r}: {len(correct)} correctness flags but {len(scores)} "
+                "scores in one row; each candidate needs both."
+            )
+        p = pooled.setdefault(key, PooledProblem(key, str(gold), [], []))
+        if p.gold != str(gold):
+            raise ValueError(
+                f"problem {key[:80]!r} has gold answer {p.gold!r} in one row and {gold!r} in "
+                "another; pool runs of the same data file."
+            )
+        p.correct += [bool(c) for c in correct]
+        p.scores += [float(s) for s in scores]
+    return list(pooled.values())
+
+
+def pooled_best_of_n(problems: Sequence[PooledProblem], n: int) -> dict[str, Any]:
+    """The original's Best-of-N accuracy over pooled candidates.
+
+    K = (fewest candidates of any problem) // n disjoint groups; group i takes candidates
+    [i*n, (i+1)*n) of every problem and picks, per problem, the FIRST highest score; a group's
+    accuracy is the fraction of problems whose pick is correct; the result is the mean over the
+    K groups. Returns {"accuracy", "n", "groups": K, "problems", "per_group": [K accuracies]}.
+    """
+    if not problems:
+        raise ValueError("pooled_best_of_n: no problems.")
+    if n < 1:
+        raise ValueError(f"pooled_best_of_n: n={n} must be >= 1.")
+    fewest = min(problems, key=lambda p: len(p.scores))
+    groups = len(fewest.scores) // n
+    if groups < 1:
+        raise ValueError(
+            f"problem {fewest.key[:80]!r} has {len(fewest.scores)} candidates, fewer than "
+            f"n={n}; run more samples (or more runs) of it."
+        )
+    for p in problems:
+        if not np.all(np.isfinite(p.scores)):
+            raise ValueError(f"problem {p.key[:80]!r} has a non-finite score.")
+    per_group = []
+    for g in range(groups):
+        picks = [p.correct[g * n + tts.best_of_n(p.scores[g * n : (g + 1) * n])] for p in problems]
+        per_group.append(float(np.mean(picks)))
+    return {
+        "accuracy": float(np.mean(per_group)),
+        "n": n,
+        "groups": groups,
+        "problems": len(problems),
+        "per_group": per_group,
+    }
 
 
 @dataclasses.dataclass
