@@ -101,17 +101,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def chinese_step_ids(backend: tokenizers.Tokenizer, max_chars: int = 4) -> tuple[int, ...]:
-    """Every non-special vocab token whose decoded text has <= max_chars characters and contains
-    "\\n" or "。" (the Chinese step mode of REFERENCE section 2)."""
+def chinese_step_ids(backend: tokenizers.Tokenizer) -> tuple[int, ...]:
+    """The step delimiters of the Chinese step mode (the 32B `--lang zh` rule, REFERENCE 9):
+    every non-special vocab token whose decoded text has at most 3 characters and, for "\\n" or
+    for "。", contains it and keeps at most one other character once every occurrence of it is
+    removed ("\\n\\n", "。\\n", ")\\n", "x\\n\\n" qualify; "ab\\n", "a\\nb" do not)."""
     n = backend.get_vocab_size(with_added_tokens=True)
     special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
     texts = backend.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
-    return tuple(
-        i
-        for i, t in enumerate(texts)
-        if i not in special and len(t) <= max_chars and ("\n" in t or "。" in t)
-    )
+
+    def is_step(t: str) -> bool:
+        return len(t) <= 3 and any(m in t and len(t.replace(m, "")) <= 1 for m in ("\n", "。"))
+
+    return tuple(i for i, t in enumerate(texts) if i not in special and is_step(t))
 
 
 class Tokenizer:

@@ -88,15 +88,39 @@ def test_multi_token_delimiter_needs_explicit_step_ids():
         Tokenizer(b, eos_ids=[3], step_ids=[99])
 
 
-def test_chinese_step_mode_selects_short_newline_tokens():
+def test_chinese_step_mode_follows_the_32b_rule():
     vocab = ["[UNK]", "\n", "。", "ab\n", "abcd\n", "x。", "abc", "好。\n\n", "</s>"]
+    vocab += ["\n\n", "。\n", ")\n", "\n。\n", "a\nb", "。。", "x\n\n", "xy。", "。ab"]
     b = _word_level(vocab)
-    # <= 4 characters and containing "\n" or "。": by hand.
-    assert chinese_step_ids(b) == (1, 2, 3, 5, 7)
+    # By hand: at most 3 characters, and "\n" (or "。") with at most one other character left.
+    expected = (1, 2, 5, 9, 10, 11, 12, 14, 15)
+    assert chinese_step_ids(b) == expected
     tok = Tokenizer(b, eos_ids=[8], step_mode="chinese")
-    assert tok.step_ids == (1, 2, 3, 5, 7)
+    assert tok.step_ids == expected
     with pytest.raises(ValueError, match="step_mode"):
         Tokenizer(b, eos_ids=[8], step_mode="klingon")
+
+
+def test_chinese_step_ids_on_a_byte_level_vocabulary():
+    tok = build_synthetic_tokenizer()  # byte-level BPE, as Qwen2's
+    b = tok.backend
+    special = {j for j, t in b.get_added_tokens_decoder().items() if t.special}
+    expected = []
+    for i in range(b.get_vocab_size(with_added_tokens=True)):
+        text = b.decode([i], skip_special_tokens=False)
+        if i in special or len(text) > 3:
+            continue
+        for mark in ("\n", "。"):
+            if mark in text and len([c for c in text if c != mark]) <= 1:
+                expected.append(i)
+                break
+    got = chinese_step_ids(b)
+    assert got == tuple(expected)
+    (delimiter,) = tok.encode(".\n\n")  # one "other" character: a delimiter in this mode too
+    (newline,) = tok.encode("\n")
+    assert delimiter in got and newline in got
+    (long,) = tok.encode("{}.\n")  # two other characters
+    assert long not in got
 
 
 def test_save_round_trips_with_transformers(synthetic_dir, tmp_path):
@@ -129,3 +153,21 @@ def test_save_round_trips_with_transformers(synthetic_dir, tmp_path):
         ours.pad_id,
         ours.step_ids,
     )
+
+
+def test_step_mode_is_a_validated_recipe_field(synthetic_dir):
+    from msjax.rl.config import default_config, validate
+
+    c = default_config()
+    c.workdir = "/tmp/unused"
+    assert c.step_mode == "default"
+    c.step_mode = "chinese"
+    validate(c)  # the trainer then loads its tokenizer folder with Tokenizer.from_dir(step_mode=)
+    tok = Tokenizer.from_dir(synthetic_dir, step_mode=c.step_mode)
+    assert tok.step_ids == chinese_step_ids(tok.backend)
+    c.step_mode = "zh"
+    with pytest.raises(ValueError, match="config.step_mode='zh' must be one of"):
+        validate(c)
+    c.step_mode, c.tokenizer = "chinese", "synthetic"
+    with pytest.raises(ValueError, match="step_mode applies to tokenizer folders"):
+        validate(c)

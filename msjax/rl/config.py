@@ -14,6 +14,7 @@ from msjax.models.config import ModelConfig
 from msjax.rewards.outcome import check_reward_config
 from msjax.rl.optimizer import OptimizerConfig
 from msjax.rl.train_step import LossConfig
+from msjax.tokenizer import STEP_MODES
 
 
 def _fields(cls, **overrides) -> dict:
@@ -53,6 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
     )
     # Tokenizer folder; "" = the init folder's; "synthetic" = build the synthetic task's.
     c.tokenizer = ""
+    # Step delimiters of a tokenizer folder: "default" (".\n\n") or "chinese" (the 32B run's
+    # `--lang zh` rule, msjax.tokenizer.chinese_step_ids).
+    c.step_mode = "default"
     c.data = ml_collections.ConfigDict(
         dict(
             name="synthetic_steps/default",
@@ -209,3 +213,7 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int = 1) -> None:
         )
     optimizer_config(c)
     check_reward_config(c)
+    if c.step_mode not in STEP_MODES:
+        raise ValueError(f"config.step_mode={c.step_mode!r} must be one of {STEP_MODES}.")
+    if c.step_mode != "default" and c.tokenizer == "synthetic":
+        raise ValueError("config.step_mode applies to tokenizer folders, not 'synthetic'.")

@@ -177,7 +177,7 @@ class Trainer:
         c = self.config
         own = self.workdir / ckpt.TOKENIZER_SUBDIR
         if resume_step is not None and (own / "tokenizer.json").is_file():
-            return Tokenizer.from_dir(ckpt.local_copy(own))
+            return Tokenizer.from_dir(ckpt.local_copy(own), step_mode=c.step_mode)
         if c.tokenizer == "synthetic":
             return build_synthetic_tokenizer()
         source = c.tokenizer or (ckpt.tokenizer_dir(c.init) if c.init else None)
@@ -186,7 +186,7 @@ class Trainer:
                 "No tokenizer: set config.tokenizer to a folder with tokenizer.json, or "
                 "'synthetic', or start from a model folder that has one (config.init)."
             )
-        return Tokenizer.from_dir(ckpt.local_copy(source))
+        return Tokenizer.from_dir(ckpt.local_copy(source), step_mode=c.step_mode)
 
     def _write_workdir_meta(self) -> None:
         if jax.process_index() != 0:
