@@ -5,8 +5,8 @@ Recipe fields (validated by `check_reward_config`):
     "official" (the original's rule, `msjax.rewards.official`; the MetaStone recipes).
   reward.manager: "naive" or "prime", the original's reward manager ("official" only).
 What each rule reads, as the original's managers hand it over:
-  "math": the decoded response (special tokens kept), after the decoded prompt (which says
-    whether a think span is open);
+  "math": the decoded response without special tokens (an EOS token is no part of an answer),
+    after the decoded prompt (which says whether a think span is open);
   "official" + "naive": the decoded prompt + response with special tokens (the 1.5B / 7B runs);
   "official" + "prime": the decoded response alone, special tokens skipped (the 32B run).
 The original's trainer then sets the official 0.1 (wrong and no EOS) to 0 before advantages;
@@ -74,7 +74,7 @@ class OutcomeReward:
         """(prompt text, response text) of one row, as the rule reads them."""
         decode = self.tokenizer.decode
         if self.name == "math":
-            return decode(prompt), decode(response)
+            return decode(prompt), decode(response, skip_special_tokens=True)
         if self.manager == "naive":
             return "", decode([*prompt, *response])
         return "", decode(response, skip_special_tokens=True)

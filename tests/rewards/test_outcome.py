@@ -54,7 +54,7 @@ def test_each_rule_reads_its_text_and_zeroes_the_unfinished_reward(tokenizer, ro
     finally:
         reward.close()
     if name == "math":
-        expected = [math_reward(r, g, prompt=PROMPT) for r, g in RESPONSES]
+        expected = [math_reward(r.replace(EOS_TOKEN, ""), g, prompt=PROMPT) for r, g in RESPONSES]
         assert expected == [1, 0, 0, 0, 0]
     else:
         # What the original's manager hands over: prompt + response with special tokens
@@ -67,8 +67,15 @@ def test_each_rule_reads_its_text_and_zeroes_the_unfinished_reward(tokenizer, ro
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, expected)
     texts = [reward.texts(p, r) for p, r in zip(prompts, responses)]
-    if name == "official" and manager == "prime":
-        assert texts[0] == ("", RESPONSES[0][0].replace(EOS_TOKEN, ""))
+    clean = RESPONSES[0][0].replace(EOS_TOKEN, "")
+    assert (
+        texts[0]
+        == {
+            "math": (PROMPT, clean),
+            "naive": ("", PROMPT + RESPONSES[0][0]),
+            "prime": ("", clean),
+        }[name if name == "math" else manager]
+    )
 
 
 def test_bad_rows_are_refused(tokenizer):
