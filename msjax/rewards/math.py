@@ -269,17 +269,18 @@ def math_reward(response: str, gold: str, *, prompt: str = "") -> float:
     """1.0 when the final answer of `response` (after `prompt`, which tells whether a think span
     was opened) equals `gold`, else 0.0. Runs in this process: use `MathVerifier` for untrusted
     batches."""
-    match = lambda p, g: answers_match(p, g)
-    return float(bool(grade_items(final_answer_items(response, prompt), gold_items(gold), match)))
+    pred = final_answer_items(response, prompt)
+    return float(bool(grade_items(pred, gold_items(gold), answers_match)))
 
 
 def _warm_up() -> None:
     _math_verify("1/2", "0.5", None)
 
 
-def _grade_in_worker(reward: str, pred, gold: str, timeout_s: int | None, compare=None) -> bool:
-    """A pool item: the whole comparison, math-verify included. `compare(pred, gold, timeout_s)`
-    replaces math-verify (tests)."""
+def _grade_in_worker(reward: str, pred, gold, timeout_s: int | None, compare=None) -> bool:
+    """A pool item: the whole comparison, math-verify included. pred, gold: the official
+    prediction and gold strings, or the math answer and gold items. `compare(pred, gold,
+    timeout_s)` replaces math-verify (tests)."""
     if reward == "official":
         verify = compare or (lambda p, g, t: math_verify_equal(p, g))
         return strings_equivalent(pred, gold) or bool(verify(pred, gold, timeout_s))
