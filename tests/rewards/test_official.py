@@ -238,3 +238,8 @@ def test_prompts_are_prepended_for_official(official_verifiers):
     prompt, response = R1, THINK + "\\boxed{5}" + EOS
     np.testing.assert_array_equal(v.verify_batch([response], ["5"], prompts=[prompt]), [1.0])
     np.testing.assert_array_equal(v.verify_batch([response], ["5"]), [0.0])  # no header
+
+
+def test_unknown_manager_is_refused():
+    with pytest.raises(ValueError, match="unknown reward manager 'dapo'"):
+        official_reward(r1("\\boxed{5}"), "5", manager="dapo")
