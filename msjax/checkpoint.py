@@ -390,8 +390,13 @@ def export_hf(
     shard_size: int | str = "2GB",
 ) -> Path:
     """Writes step `step` (default latest) of an msjax checkpoint as a Hugging Face folder
-    (see `msjax.hf.save_hf`), with the checkpoint's tokenizer files."""
+    (see `msjax.hf.save_hf`), with the checkpoint's tokenizer files; without score_module.pt
+    when the head is "fresh" (untrained), so that the folder is recognised as head-less."""
     model, _ = load_model(ckpt_dir, step=step)
-    return save_hf(
+    out = save_hf(
         model, out_dir, dtype=dtype, shard_size=shard_size, tokenizer_dir=tokenizer_dir(ckpt_dir)
     )
+    if head_origin(ckpt_dir) == "fresh" and jax.process_index() == 0:
+        (out / "score_module.pt").unlink(missing_ok=True)
+        log.warning("%s: the SPRM head is untrained; %s holds the policy only.", ckpt_dir, out)
+    return out

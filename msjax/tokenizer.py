@@ -52,19 +52,16 @@ NAMED_TOKENS = (
 
 
 def render_prompt(problem: str, template: str = "r1", suffix: str | None = MATH_SUFFIX) -> str:
-    """The prompt text for `problem`: `{prefix}{problem} {suffix}{postfix}` of `template`.
+    """The prompt of a bare `problem` in a text template: `{prefix}{problem} {suffix}{postfix}`.
 
-    Templates:
     "r1" = `<｜begin▁of▁sentence｜><｜User｜>{problem} {suffix}<｜Assistant｜><think>\\n`,
     "plain" = `{problem} {suffix}\\n<think>\\n`. `suffix=None` (or "") leaves the suffix out.
+    A shortcut of `msjax.templates.render_prompt` (the one renderer, which also has chat
+    templates and prompt kinds).
     """
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown prompt template {template!r}; known: {sorted(TEMPLATES)}")
-    text = problem.strip()
-    if suffix:
-        text = f"{text} {suffix}"
-    prefix, postfix = TEMPLATES[template]
-    return prefix + text + postfix
+    from msjax.templates import render_prompt as render
+
+    return render(problem, kind="problem", template=template, suffix=suffix)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

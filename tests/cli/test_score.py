@@ -233,3 +233,5 @@ def test_untrained_head_is_refused_unless_allowed(setup, tmp_path, caplog):
     with pytest.raises(ValueError, match="no trained SPRM head"):
         checkpoint.require_trained_head(ckpt)
     assert checkpoint.require_trained_head(ckpt, allow_untrained=True) == "fresh"
+    checkpoint.export_hf(ckpt, tmp_path / "exported")  # the policy only: still head-less
+    assert checkpoint.head_origin(tmp_path / "exported") == "fresh"
