@@ -4,7 +4,8 @@
         [--preset official] [--max_new_tokens 1024] [--template chat|none|r1|plain]
         [--suffix TEXT] [--temperature 0.6] [--top_p 0.95] [--repetition_penalty 1.0]
         [--reward math|official] [--manager naive|prime] [--batch_size 8] [--seed 0]
-        [--dtype float32|bfloat16|auto] [--allow_untrained_head] [--output report.json]
+        [--dtype float32|bfloat16|auto] [--allow_untrained_head] [--lang en|zh]
+        [--output report.json]
 
 DIR is a Hugging Face folder (a released MetaStone-S1 checkpoint with score_module.pt) or an
 msjax checkpoint, with tokenizer files; a model without a trained SPRM head (e.g. an R1-distill
@@ -67,6 +68,13 @@ _MANAGER = define_flag(
     "Official reward manager: naive (1.5B/7B) or prime (32B).",
     enum_values=["naive", "prime"],
 )
+_LANG = define_flag(
+    "enum",
+    "lang",
+    "en",
+    "Step delimiters: en = the '.\\n\\n' token, zh = the Chinese mode (REFERENCE section 2).",
+    enum_values=["en", "zh"],
+)
 _ALLOW_UNTRAINED = define_flag(
     "bool", "allow_untrained_head", False, "Run with an untrained (random) SPRM head."
 )
@@ -116,23 +124,25 @@ def evaluate(
     options: InferOptions | None = None,
     dtype: str = "float32",
     allow_untrained_head: bool = False,
+    lang: str = "en",
     progress: bool = True,
     **settings,
 ) -> dict:
     """Runs the evaluation (see the module docstring) and writes the report to `output`.
 
     options: the InferOptions (its k is set to k_max); or `settings`, InferOptions fields
-    (max_new_tokens, template, suffix, temperature, top_p, batch_size, seed, ...)."""
+    (max_new_tokens, template, suffix, temperature, top_p, batch_size, seed, ...).
+    lang: "en" or "zh", the step delimiters (msjax.tokenizer.LANG_STEP_MODES)."""
     from msjax import checkpoint
     from msjax.generate.infer import infer_file
-    from msjax.tokenizer import Tokenizer
+    from msjax.tokenizer import LANG_STEP_MODES, Tokenizer
 
     options = dataclasses.replace(options or InferOptions(**settings), k=k_max)
     tok_dir = checkpoint.tokenizer_dir(model_dir)
     if tok_dir is None:
         raise ValueError(f"{model_dir} has no tokenizer.json (needed to encode the problems).")
     checkpoint.require_trained_head(model_dir, allow_untrained_head)
-    tokenizer = Tokenizer.from_dir(tok_dir)
+    tokenizer = Tokenizer.from_dir(tok_dir, step_mode=LANG_STEP_MODES[lang])
     model, cfg = checkpoint.load_any(model_dir, None, dtype=dtype)
     output.parent.mkdir(parents=True, exist_ok=True)
     candidates = output.with_name(output.stem + ".candidates.jsonl")
@@ -201,6 +211,7 @@ def main(argv: list[str]) -> None:
             options=options_from_flags(),
             dtype=_DTYPE.value or "float32",
             allow_untrained_head=_ALLOW_UNTRAINED.value,
+            lang=_LANG.value,
             progress=sys.stderr.isatty(),
         )
     except ValueError as e:

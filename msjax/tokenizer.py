@@ -39,6 +39,8 @@ TEMPLATES: dict[str, tuple[str, str]] = {
 }
 
 STEP_MODES = ("default", "chinese")
+# The CLIs' --lang (the original's flag) -> step_mode.
+LANG_STEP_MODES = {"en": "default", "zh": "chinese"}
 # The named special tokens transformers passes to a chat template (its SPECIAL_TOKENS_ATTRIBUTES).
 NAMED_TOKENS = (
     "bos_token",

@@ -5,7 +5,7 @@
         [--top_k K] [--repetition_penalty R] [--max_new_tokens N] [--seed S] [--prune RULE]
         [--batch_size B] [--template chat|none|r1|plain] [--suffix TEXT]
         [--selection bon|majority|weighted] [--reward math|official] [--manager naive|prime]
-        [--allow_untrained_head] [--dtype float32|bfloat16|auto] [--mesh D,F,T]
+        [--allow_untrained_head] [--lang en|zh] [--dtype float32|bfloat16|auto] [--mesh D,F,T]
     msjax-infer --pool OUT1.jsonl,OUT2.jsonl,...
 
 The hyphenated spellings (--top-p, --top-k, --max-new-tokens, --batch-size) are aliases.
@@ -46,7 +46,7 @@ from msjax.generate.infer import (
 from msjax.generate.pruning import PruneRule
 from msjax.generate.tts import MODES, SELECTIONS, resolve_k
 from msjax.templates import TEMPLATE_NAMES
-from msjax.tokenizer import MATH_SUFFIX, Tokenizer
+from msjax.tokenizer import LANG_STEP_MODES, MATH_SUFFIX, Tokenizer
 
 MODEL = define_flag("string", "model", None, "A Hugging Face folder or an msjax checkpoint.")
 INPUT = define_flag("string", "input", None, "Input .jsonl / .parquet / .json file.")
@@ -81,6 +81,13 @@ MANAGER = define_flag(
     "naive",
     "Official reward manager: naive (1.5B/7B) or prime (32B).",
     enum_values=["naive", "prime"],
+)
+LANG = define_flag(
+    "enum",
+    "lang",
+    "en",
+    "Step delimiters: en = the '.\\n\\n' token, zh = the Chinese mode (REFERENCE section 2).",
+    enum_values=["en", "zh"],
 )
 ALLOW_UNTRAINED = define_flag(
     "bool", "allow_untrained_head", False, "Run with an untrained (random) SPRM head."
@@ -179,7 +186,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"{MODEL.value} has no tokenizer.json (needed to encode prompts).")
     try:
         checkpoint.require_trained_head(MODEL.value, ALLOW_UNTRAINED.value)
-        tokenizer = Tokenizer.from_dir(tok_dir)
+        tokenizer = Tokenizer.from_dir(tok_dir, step_mode=LANG_STEP_MODES[LANG.value])
         mesh = _mesh()
         model, cfg = checkpoint.load_any(MODEL.value, mesh, dtype=DTYPE.value or "float32")
         summary = infer_file(

@@ -1,7 +1,7 @@
 """msjax-score: SPRM scores of whole texts, the service of the original reward server's /score.
 
     msjax-score --model DIR --input IN.jsonl --output OUT.jsonl [--batch_size 8] [--dtype float32]
-        [--allow_untrained_head]
+        [--allow_untrained_head] [--lang en|zh]
 
 DIR is a Hugging Face folder (with score_module.pt) or an msjax checkpoint; it must carry
 tokenizer files. A model without a trained SPRM head (no score_module.pt, or imported from a
@@ -20,12 +20,19 @@ from absl import app
 from msjax import checkpoint
 from msjax.cli import define_flag
 from msjax.scoring import score_file
-from msjax.tokenizer import Tokenizer
+from msjax.tokenizer import LANG_STEP_MODES, Tokenizer
 
 MODEL = define_flag("string", "model", None, "A Hugging Face folder or an msjax checkpoint.")
 INPUT = define_flag("string", "input", None, "score: input JSONL file.")
 OUTPUT = define_flag("string", "output", None, "score: output JSONL file.")
 BATCH_SIZE = define_flag("integer", "batch_size", 8, "Rows per forward pass.")
+LANG = define_flag(
+    "enum",
+    "lang",
+    "en",
+    "Step delimiters: en = the '.\\n\\n' token, zh = the Chinese mode (REFERENCE section 2).",
+    enum_values=["en", "zh"],
+)
 ALLOW_UNTRAINED = define_flag(
     "bool", "allow_untrained_head", False, "Run with an untrained (random) SPRM head."
 )
@@ -54,7 +61,7 @@ def main(argv: list[str]) -> None:
         checkpoint.require_trained_head(MODEL.value, ALLOW_UNTRAINED.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    tokenizer = Tokenizer.from_dir(tok_dir)
+    tokenizer = Tokenizer.from_dir(tok_dir, step_mode=LANG_STEP_MODES[LANG.value])
     model, _ = checkpoint.load_any(MODEL.value, dtype=DTYPE.value or "float32")
     counts = score_file(model, tokenizer, INPUT.value, OUTPUT.value, BATCH_SIZE.value)
     print(

@@ -232,7 +232,7 @@ class Trainer:
         if d.files:
             name = f"local_math/{files_config_name(d.files)}"
             if jax.process_index() == 0:
-                build_local_math(None, data_dir, files=d.files, overwrite=True)
+                build_local_math(None, data_dir, files=d.files, overwrite=True, verbose=False)
             from msjax import distributed
 
             distributed.sync("local_math_built")

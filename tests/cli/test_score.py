@@ -235,3 +235,15 @@ def test_untrained_head_is_refused_unless_allowed(setup, tmp_path, caplog):
     assert checkpoint.require_trained_head(ckpt, allow_untrained=True) == "fresh"
     checkpoint.export_hf(ckpt, tmp_path / "exported")  # the policy only: still head-less
     assert checkpoint.head_origin(tmp_path / "exported") == "fresh"
+
+
+def test_lang_zh_selects_the_chinese_step_mode(setup, tmp_path, monkeypatch):
+    seen = []
+    real = Tokenizer.from_dir
+    monkeypatch.setattr(
+        score_cli.Tokenizer, "from_dir", lambda path, **kw: seen.append(kw) or real(path, **kw)
+    )
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+    _run(["--model", str(setup[0]), "--input", str(src), "--output", str(out), "--lang", "zh"])
+    assert seen == [{"step_mode": "chinese"}] and out.exists()
