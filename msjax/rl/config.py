@@ -60,8 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
             # Data files (.parquet / .jsonl / .json, comma-separated) built into local_math on
             # first use; they replace `name` and form the "train" split.
             files="",
-            # chat | none | r1 | plain (msjax.templates); "" = chat when the tokenizer has a
-            # chat template, else r1.
+            # chat | none | r1 | plain (msjax.templates); "" = its default rule: chat when the
+            # tokenizer has a chat template, else r1 (prompt rows: none).
             template="",
             suffix="Let's think step by step and output the final answer within \\boxed{}.",
             max_prompt_len=1024,
@@ -203,7 +203,7 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int = 1) -> None:
     if c.data.template not in ("", *TEMPLATE_NAMES):
         raise ValueError(
             f"config.data.template={c.data.template!r}; choose one of {TEMPLATE_NAMES} or '' "
-            "(chat when the tokenizer has a chat template, else r1)."
+            "(msjax.templates' default rule)."
         )
     if r.temperature < 0 or not 0 < r.top_p <= 1 or r.top_k < 0:
         raise ValueError("config.rollout: need temperature >= 0, 0 < top_p <= 1, top_k >= 0.")
