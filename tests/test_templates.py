@@ -44,10 +44,17 @@ CHATML_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
     {{- '<|im_start|>assistant\\n<think>\\n' }}
 {%- endif %}
 """
+# transformers' extras: {% generation %} blocks, tojson (no HTML escaping), loop controls.
+EXTRAS_TEMPLATE = (
+    "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+    "{{ m.role | tojson }}: {% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+    "{% endgeneration %}{% else %}{{ m.content | tojson }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ eos_token }}assistant:{% endif %}"
+)
 SPECIAL = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<|im_start|>", "<|im_end|>"]
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 1+1? " + MATH_SUFFIX}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sum {a} and 中文。"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<b>{a}</b> & 中。"}],
     [
         {"role": "user", "content": "  spaces kept  \n"},
         {"role": "assistant", "content": "<think>\nhmm.\n\n</think>\n\n\\boxed{2}"},
@@ -82,10 +89,11 @@ def folders(tmp_path_factory):
     return {
         "r1": _folder(root / "r1", R1_TEMPLATE, as_file=False),
         "chatml": _folder(root / "chatml", CHATML_TEMPLATE, as_file=True),
+        "extras": _folder(root / "extras", EXTRAS_TEMPLATE, as_file=False),
     }
 
 
-@pytest.mark.parametrize("name", ["r1", "chatml"])
+@pytest.mark.parametrize("name", ["r1", "chatml", "extras"])
 def test_chat_equals_transformers_byte_for_byte(folders, name):
     reference = AutoTokenizer.from_pretrained(folders[name])
     chat = ChatTemplate.of(Tokenizer.from_dir(folders[name]))
