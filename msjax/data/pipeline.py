@@ -197,9 +197,13 @@ class _Pipeline(abc.ABC):
         prompt = as_text(record["prompt"] if "prompt" in record else record["problem"])
         if kind == "chat":
             prompt = json.loads(prompt)
-        return render_prompt(
-            prompt, kind=kind, template=self.template, chat=self.chat, suffix=self.suffix
-        )
+        try:
+            return render_prompt(
+                prompt, kind=kind, template=self.template, chat=self.chat, suffix=self.suffix
+            )
+        except ValueError as e:
+            where = as_text(record["origin"]) if "origin" in record else "a record"
+            raise ValueError(f"{where}: {e}") from e
 
     @abc.abstractmethod
     def _prepass(self) -> tuple[np.ndarray, np.ndarray]:

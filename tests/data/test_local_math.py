@@ -297,3 +297,11 @@ def test_pipeline_renders_each_kind_with_the_chat_template(original_files, tmp_p
         for u in users
     ]
     assert [got[i] for i in range(len(src))] == want
+    # A template that fails on a row: the error names the file and row, before any batch.
+    config["chat_template"] = (
+        "{% if 'primes' in messages[0].content %}{{ raise_exception('x') }}{% endif %}"
+    )
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"\w\.(parquet|jsonl):2: the chat template .* failed"):
+        PromptPipeline(src, Tokenizer.from_dir(folder, step_ids=[0]), batch_size=2,
+                       max_prompt_len=256, shard_index=0, shard_count=1)  # fmt: skip
