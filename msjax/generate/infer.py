@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from msjax.generate.config import SamplerConfig
 from msjax.generate.pruning import PruneRule
@@ -429,10 +428,11 @@ def pooled_metrics(
     """The original's metric over graded output rows (of one or several runs / files).
 
     Candidates of the same problem (same "prompt") are pooled in the order given; for each group
-    size N, each problem's first n // N * N candidates are cut into disjoint groups of N, the FIRST
-    maximum score of each group is chosen (pruned candidates never are) and accuracy is averaged
-    over the groups of every problem. Returns {str(N): {"bon", "maj", "random", "groups"}} for the
-    N that every problem can fill at least once.
+    size N, K = (fewest candidates of any problem) // N disjoint groups of N are cut from every
+    problem, the FIRST maximum score of each group is chosen (pruned candidates never are) and
+    accuracy is averaged over groups and problems (`msjax.evaluation.scaling_metrics`, which
+    also gives the majority vote and a random pick). Returns {str(N): {"bon", "maj", "random",
+    "groups": K}} for the N with K >= 1.
     """
     from msjax.evaluation import scaling_metrics
 
@@ -440,35 +440,26 @@ def pooled_metrics(
     for r in rows:
         if r.get("correct") is not None:
             pooled[r["prompt"]].extend(r["candidates"])
-    if not pooled:
-        return {}
-    fewest = min(len(c) for c in pooled.values())
+    fewest = min((len(c) for c in pooled.values()), default=0)
     out = {}
     for n in (n for n in sizes if n <= fewest):
-        take = lambda cands, n=n: cands[: len(cands) // n * n]
-        # Problems with equal candidate counts share one call; scaling_metrics cuts the groups.
-        by_count: dict[int, list[list[dict]]] = collections.defaultdict(list)
-        for cands in pooled.values():
-            by_count[len(take(cands))].append(take(cands))
-        acc = {"bon": [], "maj": [], "random": []}
-        for count, problems in by_count.items():
-            m = scaling_metrics(
-                [[bool(c["correct"]) for c in p] for p in problems],
-                [[c["score"] for c in p] for p in problems],
-                [[c["answer"] for c in p] for p in problems],
-                [n],
-                eligible=[[c["finish_reason"] != "pruned" for c in p] for p in problems],
-            )
-            for name in acc:
-                acc[name] += [m[name][str(n)]] * (count // n * len(problems))
-        out[str(n)] = {k: float(np.mean(v)) for k, v in acc.items()}
-        out[str(n)]["groups"] = len(acc["bon"])
+        groups = fewest // n
+        problems = [cands[: groups * n] for cands in pooled.values()]
+        m = scaling_metrics(
+            [[bool(c["correct"]) for c in p] for p in problems],
+            [[c["score"] for c in p] for p in problems],
+            [[c["answer"] for c in p] for p in problems],
+            [n],
+            eligible=[[c["finish_reason"] != "pruned" for c in p] for p in problems],
+        )
+        out[str(n)] = {name: m[name][str(n)] for name in ("bon", "maj", "random")}
+        out[str(n)]["groups"] = groups
     return out
 
 
 def pool_files(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
-    """`pooled_metrics` over the output files of several runs; ValueError naming a file that is
-    not an msjax-infer output or a problem whose candidates were graded in one file only."""
+    """`pooled_metrics` over the output files of several runs; ValueError naming a line that is
+    not an msjax-infer output row."""
     rows = []
     for path in paths:
         with open(path, encoding="utf-8") as f:
@@ -504,6 +495,6 @@ def summary_table(summary: dict[str, Any]) -> str:
         for n, m in summary["groups"].items():
             lines.append(
                 f"  N={n:>2s}: BoN {m['bon']:.4f}  maj {m['maj']:.4f}  random {m['random']:.4f}"
-                f"  ({m['groups']} groups)"
+                f"  ({m['groups']} groups per problem)"
             )
     return "\n".join(lines)

@@ -259,8 +259,8 @@ def test_original_files_chat_template_gold_and_row_errors(setup, chat_model, tmp
     def letter(text, gold):
         import re
 
-        found = re.findall(r"(?i)(?:答案|answer)\s*[:：]\s*([A-Da-d])", text)
-        return float(bool(found) and found[-1].upper() == gold)
+        found = re.search(r"(?i)(?:答案|answer)\s*[:：]\s*([A-Da-d])", text)
+        return float(bool(found) and found.group(1).upper() == gold)
 
     monkeypatch.setattr(msjax.rewards, "ceval_reward", letter, raising=False)
     chats = [
@@ -402,7 +402,7 @@ def test_pooled_metric_over_runs_and_files(tmp_path):
     assert pooled["problems"] == 2 and set(pooled["groups"]) == {"2"}
     # groups of 2: p -> [T,F] picks T, [F,T] picks F; q -> [F,T] picks T, [T,T] picks T.
     assert pooled["groups"]["2"]["bon"] == pytest.approx(3 / 4)
-    assert pooled["groups"]["2"]["groups"] == 4
+    assert pooled["groups"]["2"]["groups"] == 2
     assert pooled["groups"]["2"]["random"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 2 + 1) / 4)
     printed = summary_table(pooled)
     assert "N= 2: BoN 0.7500" in printed
