@@ -1,14 +1,19 @@
-"""pass@1 and the three reasoning-effort modes on a local JSONL of math problems.
+"""pass@1 and the three reasoning-effort modes on a local file of math problems.
 
-    python -m experiments.eval --model DIR --input problems.jsonl [--k_max 32]
-        [--max_new_tokens 1024] [--template r1|plain] [--suffix TEXT] [--temperature 0.6]
-        [--top_p 0.95] [--batch_size 8] [--seed 0] [--dtype float32|bfloat16|auto]
+    python -m experiments.eval --model DIR --input problems.jsonl|.parquet|.json [--k_max 32]
+        [--preset official] [--max_new_tokens 1024] [--template chat|none|r1|plain]
+        [--suffix TEXT] [--temperature 0.6] [--top_p 0.95] [--repetition_penalty 1.0]
+        [--reward math|official] [--manager naive|prime] [--batch_size 8] [--seed 0]
+        [--dtype float32|bfloat16|auto] [--allow_untrained_head] [--lang en|zh]
         [--output report.json]
 
-DIR is a Hugging Face folder (a released MetaStone-S1 checkpoint with score_module.pt, or an
-R1-distill model, whose SPRM head is then random) or an msjax checkpoint, with tokenizer files.
-Each input row is {"problem": str, "answer": str}; the prompt is the problem rendered with the
-template and the suffix (default: the math suffix of the official recipe).
+DIR is a Hugging Face folder (a released MetaStone-S1 checkpoint with score_module.pt) or an
+msjax checkpoint, with tokenizer files; a model without a trained SPRM head (e.g. an R1-distill
+folder) is refused unless --allow_untrained_head. The input is any file msjax-infer reads (the
+original AIME JSONL / verl parquet / C-Eval JSON, {problem, answer} rows); prompts are rendered
+by msjax.templates (default: the checkpoint's chat template when it has one). `--preset
+official` sets the original's decoding settings and reward (msjax.generate.infer.OFFICIAL_PRESET;
+k_max stays the flag's); flags given explicitly override it.
 
 k_max candidates are drawn per problem once (msjax.generate.infer, written next to the report as
 <output>.candidates.jsonl); accuracy at k = 2 / 8 / 32 (low / medium / high, the k that divide
@@ -18,28 +23,61 @@ SPRM score, majority vote, SPRM-weighted vote and a random pick (msjax.evaluatio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
-import tempfile
+import sys
 from pathlib import Path
 
 from absl import app
 
 from msjax.cli import define_flag
-from msjax.tokenizer import MATH_SUFFIX, TEMPLATES, atomic_write_text, render_prompt
+from msjax.generate.infer import OFFICIAL_PRESET, REWARDS, InferOptions
+from msjax.templates import TEMPLATE_NAMES
+from msjax.tokenizer import MATH_SUFFIX, atomic_write_text
 
 MODES = {"low": 2, "medium": 8, "high": 32}
-# Shared flag names go through define_flag (one absl registry per process; see msjax.cli).
+# Shared flag names go through define_flag (one absl registry per process; see msjax.cli); the
+# definitions match msjax-infer's.
 _MODEL = define_flag("string", "model", None, "Hugging Face folder or msjax checkpoint.")
-_INPUT = define_flag("string", "input", None, 'JSONL with {"problem", "answer"} rows.')
+_INPUT = define_flag("string", "input", None, "Input .jsonl / .parquet / .json file.")
 _OUTPUT = define_flag("string", "output", None, "Where to write the report (default report.json).")
 _K_MAX = define_flag("integer", "k_max", 32, "Candidates drawn per problem.")
 _MAX_NEW = define_flag("integer", "max_new_tokens", 1024, "Generated tokens per candidate.")
-_TEMPLATE = define_flag("enum", "template", "r1", "Prompt template.", enum_values=list(TEMPLATES))
-_SUFFIX = define_flag("string", "suffix", MATH_SUFFIX, "Text after the problem ('' = none).")
-_TEMPERATURE = define_flag("float", "temperature", 0.6, "Sampling temperature.")
-_TOP_P = define_flag("float", "top_p", 0.95, "Nucleus sampling mass.")
+_TEMPLATE = define_flag(
+    "enum",
+    "template",
+    None,
+    "Prompt template (default: chat when the checkpoint has one, else none / r1).",
+    enum_values=list(TEMPLATE_NAMES),
+)
+_SUFFIX = define_flag("string", "suffix", MATH_SUFFIX, "Text after a bare problem ('' = none).")
+_TEMPERATURE = define_flag("float", "temperature", 0.6, "Sampling temperature; 0 = greedy.")
+_TOP_P = define_flag("float", "top_p", 0.95, "Nucleus sampling mass in (0, 1].")
+_REPETITION = define_flag(
+    "float", "repetition_penalty", 1.0, "vLLM-style repetition penalty (1 = off)."
+)
+_PRESET = define_flag(
+    "enum", "preset", None, "The original's test-time settings.", enum_values=["official"]
+)
+_REWARD = define_flag("enum", "reward", None, "Grading rule.", enum_values=list(REWARDS))
+_MANAGER = define_flag(
+    "enum",
+    "manager",
+    "naive",
+    "Official reward manager: naive (1.5B/7B) or prime (32B).",
+    enum_values=["naive", "prime"],
+)
+_LANG = define_flag(
+    "enum",
+    "lang",
+    "en",
+    "Step delimiters: en = the '.\\n\\n' token, zh = the Chinese mode (REFERENCE section 2).",
+    enum_values=["en", "zh"],
+)
+_ALLOW_UNTRAINED = define_flag(
+    "bool", "allow_untrained_head", False, "Run with an untrained (random) SPRM head."
+)
 _BATCH = define_flag("integer", "batch_size", 8, "Problems per sampler call (x k_max rows).")
 _SEED = define_flag("integer", "seed", 0, "Sampling seed.")
 _DTYPE = define_flag(
@@ -49,33 +87,6 @@ _DTYPE = define_flag(
     "Weights dtype (default float32).",
     enum_values=["auto", "float32", "bfloat16"],
 )
-
-
-def prompt_rows(input_path: Path, template: str, suffix: str | None) -> tuple[list[str], int]:
-    """JSONL lines {"prompt", "answer"} for msjax.generate.infer from {"problem", "answer"} rows
-    (a row that is not an object with a string problem is passed on as it is, so that infer
-    counts and names it); returns (lines, rows without an answer)."""
-    lines, no_answer = [], 0
-    with open(input_path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                lines.append("")
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                lines.append(line.rstrip("\n"))
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("problem"), str):
-                lines.append(line.rstrip("\n"))
-                continue
-            if row.get("answer") is None:
-                no_answer += 1
-            prompt = (
-                render_prompt(row["problem"], template, suffix) if row["problem"].strip() else ""
-            )
-            lines.append(json.dumps({"prompt": prompt, "answer": row.get("answer")}))
-    return lines, no_answer
 
 
 def modes_from_candidates(candidates_path: Path, k_max: int) -> dict:
@@ -110,45 +121,35 @@ def evaluate(
     output: Path,
     *,
     k_max: int = 32,
-    max_new_tokens: int = 1024,
-    template: str = "r1",
-    suffix: str | None = MATH_SUFFIX,
-    temperature: float = 0.6,
-    top_p: float = 0.95,
-    batch_size: int = 8,
-    seed: int = 0,
+    options: InferOptions | None = None,
     dtype: str = "float32",
+    allow_untrained_head: bool = False,
+    lang: str = "en",
     progress: bool = True,
+    **settings,
 ) -> dict:
-    """Runs the evaluation (see the module docstring) and writes the report to `output`."""
-    from msjax import checkpoint
-    from msjax.generate.infer import InferOptions, infer_file
-    from msjax.tokenizer import Tokenizer
+    """Runs the evaluation (see the module docstring) and writes the report to `output`.
 
+    options: the InferOptions (its k is set to k_max); or `settings`, InferOptions fields
+    (max_new_tokens, template, suffix, temperature, top_p, batch_size, seed, ...).
+    lang: "en" or "zh", the step delimiters (msjax.tokenizer.LANG_STEP_MODES)."""
+    from msjax import checkpoint
+    from msjax.generate.infer import infer_file
+    from msjax.tokenizer import LANG_STEP_MODES, Tokenizer
+
+    options = dataclasses.replace(options or InferOptions(**settings), k=k_max)
     tok_dir = checkpoint.tokenizer_dir(model_dir)
     if tok_dir is None:
         raise ValueError(f"{model_dir} has no tokenizer.json (needed to encode the problems).")
-    options = InferOptions(
-        k=k_max,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        batch_size=batch_size,
-        template=template,
-    )
-    lines, no_answer = prompt_rows(input_path, template, suffix or None)
-    tokenizer = Tokenizer.from_dir(tok_dir)
+    checkpoint.require_trained_head(model_dir, allow_untrained_head)
+    tokenizer = Tokenizer.from_dir(tok_dir, step_mode=LANG_STEP_MODES[lang])
     model, cfg = checkpoint.load_any(model_dir, None, dtype=dtype)
     output.parent.mkdir(parents=True, exist_ok=True)
     candidates = output.with_name(output.stem + ".candidates.jsonl")
-    fd, prompts = tempfile.mkstemp(prefix=".prompts.", suffix=".jsonl", dir=output.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        summary = infer_file(model, cfg, tokenizer, prompts, candidates, options, progress=progress)
-    finally:
-        Path(prompts).unlink(missing_ok=True)
+    summary = infer_file(model, cfg, tokenizer, input_path, candidates, options, progress=progress)
+    with open(candidates, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    no_answer = sum(1 for r in rows if "error" not in r and r["gold"] is None)
     report = {
         "model": str(model_dir),
         "input": str(input_path),
@@ -156,14 +157,38 @@ def evaluate(
         "skipped": summary["skipped"],
         "rows_without_answer": no_answer,
         "tokens_generated": summary["tokens_generated"],
-        "temperature": temperature,
-        "top_p": top_p,
-        "max_new_tokens": max_new_tokens,
+        "temperature": options.temperature,
+        "top_p": options.top_p,
+        "repetition_penalty": options.repetition_penalty,
+        "max_new_tokens": summary["max_new_tokens"],
+        "reward": options.reward,
         **modes_from_candidates(candidates, k_max),
         "candidates_file": str(candidates),
     }
     atomic_write_text(output, json.dumps(report, indent=2) + "\n")
     return report
+
+
+def options_from_flags() -> InferOptions:
+    """InferOptions from the flags over the preset's values (explicit flags win)."""
+    values = dict(OFFICIAL_PRESET) if _PRESET.value == "official" else {}
+    for name, holder in (
+        ("temperature", _TEMPERATURE),
+        ("top_p", _TOP_P),
+        ("repetition_penalty", _REPETITION),
+        ("max_new_tokens", _MAX_NEW),
+    ):
+        if holder.present or name not in values:
+            values[name] = holder.value
+    if _REWARD.value is not None:
+        values["reward"] = _REWARD.value
+    values.update(k=_K_MAX.value, template=_TEMPLATE.value, suffix=_SUFFIX.value or None)
+    return InferOptions(
+        **values,
+        manager=_MANAGER.value,
+        batch_size=_BATCH.value,
+        seed=_SEED.value,
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -183,14 +208,11 @@ def main(argv: list[str]) -> None:
             Path(_INPUT.value),
             Path(_OUTPUT.value or "report.json"),
             k_max=_K_MAX.value,
-            max_new_tokens=_MAX_NEW.value,
-            template=_TEMPLATE.value,
-            suffix=_SUFFIX.value,
-            temperature=_TEMPERATURE.value,
-            top_p=_TOP_P.value,
-            batch_size=_BATCH.value,
-            seed=_SEED.value,
+            options=options_from_flags(),
             dtype=_DTYPE.value or "float32",
+            allow_untrained_head=_ALLOW_UNTRAINED.value,
+            lang=_LANG.value,
+            progress=sys.stderr.isatty(),
         )
     except ValueError as e:
         raise app.UsageError(str(e)) from e

@@ -1,6 +1,7 @@
 """The msjax checkpoint directory, shared by conversion, training and inference.
 
-    DIR/msjax.json            {"format": "msjax", "format_version": 1, "model_config": {...}}
+    DIR/msjax.json            {"format": "msjax", "format_version": 1, "model_config": {...},
+                               "head": "trained" | "imported" | "fresh"}
     DIR/tokenizer/            tokenizer files (optional; generation_config.json for the EOS list)
     DIR/checkpoints/<step>/   one orbax CheckpointManager step; item "params" holds the model's
                               nnx.State as a pure dict of arrays. The trainer adds its own items
@@ -8,11 +9,17 @@
 
 `load_model` restores only the "params" item, straight onto the target mesh shardings, so a
 checkpoint written on one topology loads on another. `load_any` also accepts a Hugging Face folder.
+
+"head" says where the SPRM head came from: "trained" (by msjax; also assumed when the field is
+absent, as in the trainer's workdirs), "imported" (a Hugging Face folder's score_module.pt) or
+"fresh" (initialised at import from a folder without one: its scores are random).
+`require_trained_head` lets the scoring tools refuse a fresh head.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +34,7 @@ from jax.sharding import SingleDeviceSharding
 
 from msjax.hf.export import copy_tokenizer_files, save_hf
 from msjax.hf.load import load_hf
+from msjax.hf.score_module import find_score_module
 from msjax.models.config import DTYPES, ModelConfig
 from msjax.models.reflective import ReflectiveModel, abstract_model
 
@@ -36,6 +44,8 @@ META_NAME = "msjax.json"
 TOKENIZER_SUBDIR = "tokenizer"
 CHECKPOINTS_SUBDIR = "checkpoints"
 PARAMS_ITEM = "params"
+HEAD_ORIGINS = ("trained", "imported", "fresh")
+log = logging.getLogger(__name__)
 _READ_ONLY = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
 # ModelConfig fields that fix the parameter shapes or the function the model computes.
 ARCH_FIELDS = (
@@ -111,8 +121,8 @@ def checkpoint_manager(path: str | os.PathLike, **options: Any) -> ocp.Checkpoin
     )
 
 
-def read_config(path: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig stored in DIR/msjax.json; ValueError naming the problem otherwise."""
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """DIR/msjax.json, checked; ValueError naming the problem otherwise."""
     meta_path = as_path(path) / META_NAME
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: {path} is not an msjax checkpoint.")
@@ -129,10 +139,47 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         )
     if "model_config" not in meta:
         raise ValueError(f"{meta_path} has no model_config.")
+    if meta.get("head", "trained") not in HEAD_ORIGINS:
+        raise ValueError(f"{meta_path}: head={meta['head']!r}; expected one of {HEAD_ORIGINS}.")
+    return meta
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig stored in DIR/msjax.json; ValueError naming the problem otherwise."""
+    meta = read_meta(path)
+    meta_path = as_path(path) / META_NAME
     try:
         return ModelConfig.from_dict(meta["model_config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{meta_path}: model_config: {e}") from e
+
+
+def head_origin(path: str | os.PathLike) -> str:
+    """Where the SPRM head of a model folder came from: "trained", "imported" or "fresh" (see
+    the module docstring); ValueError when `path` is not a model folder."""
+    if is_checkpoint_dir(path):
+        return read_meta(path).get("head", "trained")
+    if is_hf_dir(path):
+        return "imported" if find_score_module(path) is not None else "fresh"
+    raise ValueError(
+        f"{path} is neither an msjax checkpoint directory (with {META_NAME}) nor a Hugging Face "
+        "model folder (config.json + *.safetensors)."
+    )
+
+
+def require_trained_head(path: str | os.PathLike, allow_untrained: bool = False) -> str:
+    """`head_origin(path)`; raises ValueError for a "fresh" (untrained) head unless
+    `allow_untrained`, in which case it is logged."""
+    origin = head_origin(path)
+    if origin == "fresh":
+        if not allow_untrained:
+            raise ValueError(
+                f"{path} has no trained SPRM head (no score_module.pt, or imported from a folder "
+                "without one): its scores would be random. Add the head file, train the model, "
+                "or pass --allow_untrained_head to use it anyway."
+            )
+        log.warning("%s: the SPRM head is untrained (random scores), as allowed.", path)
+    return origin
 
 
 def latest_step(path: str | os.PathLike) -> int | None:
@@ -184,6 +231,7 @@ def save_model(
     *,
     step: int = 0,
     tokenizer_dir: str | os.PathLike | None = None,
+    head: str = "trained",
 ) -> Path:
     """Saves the model parameters as step `step` of the msjax checkpoint at `path`.
 
@@ -192,10 +240,13 @@ def save_model(
       cfg: its ModelConfig, written to msjax.json. An existing msjax.json must describe the same
         architecture (ValueError otherwise); it is rewritten with `cfg`.
       tokenizer_dir: a folder whose tokenizer files are copied to DIR/tokenizer.
+      head: where the SPRM head came from, recorded in msjax.json (HEAD_ORIGINS).
     Raises FileExistsError when `step` is already saved. Every process of a multi-process run
     must call it (orbax saves are collective); only process 0 writes the small files.
     """
     root = Path(path).absolute()
+    if head not in HEAD_ORIGINS:
+        raise ValueError(f"head={head!r}; expected one of {HEAD_ORIGINS}.")
     state = model_or_state
     if isinstance(model_or_state, nnx.Module):
         state = nnx.state(model_or_state, nnx.Param)
@@ -203,7 +254,12 @@ def save_model(
         _check_arch(read_config(root), cfg, root)
     if jax.process_index() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_config": cfg.to_dict()}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_config": cfg.to_dict(),
+            "head": head,
+        }
         _atomic_write_text(root / META_NAME, json.dumps(meta, indent=2) + "\n")
         if tokenizer_dir is not None:
             _write_tokenizer(tokenizer_dir, root)
@@ -243,6 +299,12 @@ def load_model(
     """
     root = Path(path).absolute()
     cfg = read_config(root)
+    if head_origin(root) == "fresh":
+        log.warning(
+            "%s: the SPRM head was freshly initialised at import (no score_module.pt); it is "
+            "untrained, and training starts it from scratch.",
+            root,
+        )
     if dtype is not None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}; choose one of {sorted(DTYPES)}.")
@@ -310,10 +372,12 @@ def import_hf(
     hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = "auto"
 ) -> ModelConfig:
     """Converts a Hugging Face folder into an msjax checkpoint at step 0 (tokenizer files and
-    generation_config.json go to DIR/tokenizer). dtype "auto" keeps the checkpoint's own."""
+    generation_config.json go to DIR/tokenizer). dtype "auto" keeps the checkpoint's own.
+    msjax.json records the head as "imported", or "fresh" when the folder has no head file."""
     model, cfg = load_hf(hf_dir, None, dtype)
     tok = Path(hf_dir) if (Path(hf_dir) / "tokenizer.json").is_file() else None
-    save_model(out_dir, model, cfg, step=0, tokenizer_dir=tok)
+    head = head_origin(hf_dir)
+    save_model(out_dir, model, cfg, step=0, tokenizer_dir=tok, head=head)
     return cfg
 
 
@@ -326,8 +390,13 @@ def export_hf(
     shard_size: int | str = "2GB",
 ) -> Path:
     """Writes step `step` (default latest) of an msjax checkpoint as a Hugging Face folder
-    (see `msjax.hf.save_hf`), with the checkpoint's tokenizer files."""
+    (see `msjax.hf.save_hf`), with the checkpoint's tokenizer files; without score_module.pt
+    when the head is "fresh" (untrained), so that the folder is recognised as head-less."""
     model, _ = load_model(ckpt_dir, step=step)
-    return save_hf(
+    out = save_hf(
         model, out_dir, dtype=dtype, shard_size=shard_size, tokenizer_dir=tokenizer_dir(ckpt_dir)
     )
+    if head_origin(ckpt_dir) == "fresh" and jax.process_index() == 0:
+        (out / "score_module.pt").unlink(missing_ok=True)
+        log.warning("%s: the SPRM head is untrained; %s holds the policy only.", ckpt_dir, out)
+    return out

@@ -164,7 +164,8 @@ def score_file(
     """Scores a JSONL file of texts (see `parse_row`) into a JSONL file, row for row.
 
     Every non-blank input line gives one output line: {"value", "step_scores",
-    "step_positions"} (see `score_texts`), or, for a malformed row, {"value": null,
+    "step_positions"} (see `score_texts`), or, for a malformed row (bad JSON, not UTF-8, missing
+    fields), {"value": null,
     "step_scores": null, "step_positions": null, "error": "line N: ..."} (counted, logged).
     Blank lines are ignored. The output is written to a temporary file in the same folder and
     renamed at the end. Returns {"rows": n, "scored": n, "skipped": n}.
@@ -175,7 +176,7 @@ def score_file(
         prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent
     )
     try:
-        with open(input_path, encoding="utf-8") as src, os.fdopen(fd, "w", encoding="utf-8") as dst:
+        with open(input_path, "rb") as src, os.fdopen(fd, "w", encoding="utf-8") as dst:
 
             def flush(pending):
                 texts = [t for t, _ in pending if t is not None]
@@ -190,7 +191,11 @@ def score_file(
                     continue
                 counts["rows"] += 1
                 try:
-                    pending.append((parse_row(line), None))
+                    try:
+                        text = line.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"not UTF-8 text (byte {e.start})") from e
+                    pending.append((parse_row(text), None))
                     counts["scored"] += 1
                 except ValueError as e:
                     counts["skipped"] += 1

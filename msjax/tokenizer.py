@@ -39,22 +39,31 @@ TEMPLATES: dict[str, tuple[str, str]] = {
 }
 
 STEP_MODES = ("default", "chinese")
+# The CLIs' --lang (the original's flag) -> step_mode.
+LANG_STEP_MODES = {"en": "default", "zh": "chinese"}
+# The named special tokens transformers passes to a chat template (its SPECIAL_TOKENS_ATTRIBUTES).
+NAMED_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 
 
 def render_prompt(problem: str, template: str = "r1", suffix: str | None = MATH_SUFFIX) -> str:
-    """The prompt text for `problem`: `{prefix}{problem} {suffix}{postfix}` of `template`.
+    """The prompt of a bare `problem` in a text template: `{prefix}{problem} {suffix}{postfix}`.
 
-    Templates:
     "r1" = `<｜begin▁of▁sentence｜><｜User｜>{problem} {suffix}<｜Assistant｜><think>\\n`,
     "plain" = `{problem} {suffix}\\n<think>\\n`. `suffix=None` (or "") leaves the suffix out.
+    A shortcut of `msjax.templates.render_prompt` (the one renderer, which also has chat
+    templates and prompt kinds).
     """
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown prompt template {template!r}; known: {sorted(TEMPLATES)}")
-    text = problem.strip()
-    if suffix:
-        text = f"{text} {suffix}"
-    prefix, postfix = TEMPLATES[template]
-    return prefix + text + postfix
+    from msjax.templates import render_prompt as render
+
+    return render(problem, kind="problem", template=template, suffix=suffix)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -68,6 +77,35 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data
+
+
+def read_chat_template(path: Path, tok_cfg: dict[str, Any]) -> tuple[str | None, str]:
+    """(template text or None, the file it came from) of a tokenizer folder, looked up as
+    transformers does: chat_template.jinja, then chat_template.json, then the "chat_template"
+    of tokenizer_config.json; a list of named templates gives its "default" one."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8"), str(jinja)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{jinja} is not UTF-8 text ({e}); fix or remove it") from e
+    where = path / "chat_template.json"
+    value = _read_json(where).get("chat_template")
+    if value is None:
+        where, value = path / "tokenizer_config.json", tok_cfg.get("chat_template")
+    if value is None:
+        return None, ""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if "default" not in named:
+            raise ValueError(
+                f"{where}: chat_template is a list of named templates {sorted(map(str, named))} "
+                "without a 'default' one; name one of them 'default'"
+            )
+        value = named["default"]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: chat_template must be text, found {type(value).__name__}")
+    return value, str(where)
 
 
 def _token_content(value: Any) -> str | None:
@@ -125,6 +163,9 @@ class Tokenizer:
       bos_id: the BOS id or None. pad_id: the PAD id (the first EOS when there is no pad token).
       step_ids: the step delimiter ids (see module docstring).
       think_start_id / think_end_id: ids of `<think>` / `</think>`, or None.
+      chat_template: the Jinja chat template text or None; chat_template_file: where it came from.
+      special_tokens: the named special tokens of the config ({"bos_token": str, ...}), the
+        variables a chat template sees.
     """
 
     def __init__(
@@ -137,6 +178,9 @@ class Tokenizer:
         step_ids: Sequence[int] | None = None,
         step_mode: str = "default",
         extra_config: dict[str, Any] | None = None,
+        chat_template: str | None = None,
+        chat_template_file: str = "",
+        special_tokens: dict[str, str] | None = None,
     ):
         self.backend = backend
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
@@ -173,6 +217,9 @@ class Tokenizer:
         self.think_start_id = backend.token_to_id(THINK_START)
         self.think_end_id = backend.token_to_id(THINK_END)
         self.extra_config = dict(extra_config or {})
+        self.chat_template = chat_template
+        self.chat_template_file = chat_template_file or "the tokenizer"
+        self.special_tokens = dict(special_tokens or {})
 
     @classmethod
     def from_dir(
@@ -230,7 +277,9 @@ class Tokenizer:
         pad = token_id("pad_token")
         if pad is None:
             pad = next(iter(config_ids("pad_token_id")), None)
-        extra = {k: tok_cfg[k] for k in ("chat_template", "model_max_length") if k in tok_cfg}
+        extra = {k: tok_cfg[k] for k in ("model_max_length",) if k in tok_cfg}
+        chat_template, chat_file = read_chat_template(path, tok_cfg)
+        named = {k: t for k in NAMED_TOKENS if (t := _token_content(tok_cfg.get(k))) is not None}
         return cls(
             backend,
             eos_ids=eos,
@@ -239,6 +288,9 @@ class Tokenizer:
             step_ids=step_ids,
             step_mode=step_mode,
             extra_config=extra,
+            chat_template=chat_template,
+            chat_template_file=chat_file,
+            special_tokens=named,
         )
 
     @property
@@ -301,5 +353,7 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             **self.extra_config,
         }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         atomic_write_text(path / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         atomic_write_text(path / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")

@@ -32,7 +32,7 @@ def test_render_prompt_templates():
     assert render_prompt("2+2?", "plain") == "2+2? " + MATH_SUFFIX + "\n<think>\n"
     assert render_prompt("2+2?", "plain", suffix=None) == "2+2?\n<think>\n"
     assert render_prompt("a {b}", "plain", suffix="") == "a {b}\n<think>\n"
-    with pytest.raises(ValueError, match=r"unknown prompt template 'chatml'.*plain.*r1"):
+    with pytest.raises(ValueError, match=r"unknown template 'chatml'.*r1.*plain"):
         render_prompt("x", "chatml")
 
 

@@ -3,7 +3,7 @@
     msjax-aot --config experiments/configs/metastone_1p5b.py --topology v5p-16
     msjax-train --config experiments/configs/metastone_1p5b.py \
         --config.init=/path/to/DeepScaleR-1.5B-Preview --config.workdir=gs://BUCKET/ms1-1p5b \
-        --config.data.data_dir=/path/to/tfds_data
+        --config.data.files=/path/to/train.parquet
 
 Official hyper-parameters: actor LR 1e-6, SPRM head LR 1e-5, 32 prompts x 8 samples per step,
 PPO mini-batch of 8 prompts (4 updates per step), prompts up to 1024 tokens, responses up to
@@ -31,7 +31,7 @@ ARCHITECTURE = dict(
 
 def get_config():
     c = large_model_config(ARCHITECTURE)
-    c.data.update(template="r1", max_prompt_len=1024)
+    c.data.update(template="chat", max_prompt_len=1024)
     # All 256 rollouts in one sampler call (KV cache: 8.5 GiB per chip).
     c.rollout.update(prompts_per_step=32, max_new_tokens=8192, temperature=0.6)
     # 8 prompts x 8 samples = 64 sequences per update, in 4 micro-batches of 16 (2 per chip).

@@ -3,7 +3,7 @@
     msjax-aot --config experiments/configs/metastone_32b.py --topology v5p-256
     msjax-train --config experiments/configs/metastone_32b.py \
         --config.init=/path/to/QwQ-32B --config.workdir=gs://BUCKET/ms1-32b \
-        --config.data.data_dir=/path/to/tfds_data
+        --config.data.files=/path/to/train.parquet
 
 Official hyper-parameters: actor LR 1e-7, SPRM head LR 3e-6, 128 prompts x 8 samples per step,
 prompts up to 2048 tokens, responses up to 32768, rollout temperature 1.0, top_p 1.0. The
@@ -14,8 +14,7 @@ chips, 95 GiB each) with parameters split 16 ways (fsdp) x 8 ways (tensor, one K
 chip), checked with msjax-aot (docs/aot.md). Shared settings (precision, remat, attention
 chunks, data): `msjax.rl.config.large_model_config`.
 
-QwQ-32B's own chat template is ChatML; msjax has the "r1" and "plain" templates, and "plain"
-(problem, suffix, then "<think>") is the closest.
+Prompts are rendered with QwQ-32B's own (ChatML) chat template from its tokenizer files.
 """
 
 from msjax.rl.config import large_model_config
@@ -37,7 +36,7 @@ ARCHITECTURE = dict(
 
 def get_config():
     c = large_model_config(ARCHITECTURE, tensor=8)
-    c.data.update(template="plain", max_prompt_len=2048)
+    c.data.update(template="chat", max_prompt_len=2048)
     # 256 of the 1024 rollouts per sampler call: the KV cache of one 34816-token sequence is
     # 8.5 GiB, so one call's cache is 17 GiB per chip on v5p-256.
     c.rollout.update(

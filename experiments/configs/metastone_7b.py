@@ -3,7 +3,7 @@
     msjax-aot --config experiments/configs/metastone_7b.py --topology v5p-32
     msjax-train --config experiments/configs/metastone_7b.py \
         --config.init=/path/to/DeepSeek-R1-Distill-Qwen-7B --config.workdir=gs://BUCKET/ms1-7b \
-        --config.data.data_dir=/path/to/tfds_data
+        --config.data.files=/path/to/train.parquet
 
 The official 7B recipe is not published (REFERENCE section 4). This one is the 1.5B recipe (same
 model family, tokenizer, prompt template and response budget: 32 prompts x 8 samples, PPO
@@ -32,7 +32,7 @@ ARCHITECTURE = dict(
 
 def get_config():
     c = large_model_config(ARCHITECTURE)
-    c.data.update(template="r1", max_prompt_len=1024)
+    c.data.update(template="chat", max_prompt_len=1024)
     c.rollout.update(prompts_per_step=32, max_new_tokens=8192, temperature=0.6)
     # 64 sequences per update in 4 micro-batches of 16 (one per chip on v5p-32).
     c.train.update(ppo_mini_batch=8)

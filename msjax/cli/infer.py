@@ -1,46 +1,99 @@
-"""msjax-infer: test-time scaling (Best-of-N by SPRM score, votes, early pruning) over a JSONL file.
+"""msjax-infer: test-time scaling (Best-of-N by SPRM score, votes, early pruning) over a data file.
 
-    msjax-infer --model DIR --input IN.jsonl --output OUT.jsonl [--mode low|medium|high | --k N]
-        [--temperature T] [--top_p P] [--top_k K] [--max_new_tokens N] [--seed S]
-        [--prune RULE] [--batch_size B] [--template r1|plain] [--selection bon|majority|weighted]
-        [--dtype float32|bfloat16|auto] [--mesh D,F,T]
+    msjax-infer --model DIR --input IN.jsonl|.parquet|.json --output OUT.jsonl
+        [--preset official] [--mode low|medium|high | --k N] [--temperature T] [--top_p P]
+        [--top_k K] [--repetition_penalty R] [--max_new_tokens N] [--seed S] [--prune RULE]
+        [--batch_size B] [--template chat|none|r1|plain] [--suffix TEXT]
+        [--selection bon|majority|weighted] [--reward math|official] [--manager naive|prime]
+        [--allow_untrained_head] [--lang en|zh] [--dtype float32|bfloat16|auto] [--mesh D,F,T]
+    msjax-infer --pool OUT1.jsonl,OUT2.jsonl,...
 
 The hyphenated spellings (--top-p, --top-k, --max-new-tokens, --batch-size) are aliases.
-DIR is a Hugging Face folder (with score_module.pt) or an msjax checkpoint, with tokenizer files.
+DIR is a Hugging Face folder (with score_module.pt) or an msjax checkpoint, with tokenizer files;
+a model without a trained SPRM head is refused unless --allow_untrained_head.
+The input is any file msjax.data.local_math reads (the original AIME JSONL, verl parquet, C-Eval
+JSON, {problem, answer} rows); prompts are rendered with --template (default: the checkpoint's
+chat template when it has one, else "none" for prompt rows and "r1" for problems).
+`--preset official` sets the original's test-time settings (k 16, temperature 0.6, top_p 0.95,
+repetition penalty 1.05, up to 32768 new tokens clamped to the model's context, the official
+reward); flags given explicitly override it.
 Modes: low = 2, medium = 8, high = 32 candidates; neither --mode nor --k: one candidate.
 `--temperature 0 --k 1` is greedy decoding. RULE is e.g. "margin=0.2,every=64" or
 "keep=0.5,every=128,min_steps=2" (see msjax.generate.pruning). Rows and outputs: see
-msjax.generate.infer. With gold answers a table of pass@1, maj@k, BoN@k is printed at the end.
+msjax.generate.infer. With gold answers a table of pass@1, maj@k, BoN@k and BoN over disjoint
+groups of 2 / 8 / 32 is printed; `--pool` prints the latter for candidates pooled over the output
+files of several runs (the original's metric).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from absl import app, flags
 
 from msjax import checkpoint
 from msjax.cli import define_flag
-from msjax.generate.infer import InferOptions, infer_file, summary_table
+from msjax.generate.infer import (
+    OFFICIAL_PRESET,
+    REWARDS,
+    InferOptions,
+    infer_file,
+    pool_files,
+    summary_table,
+)
 from msjax.generate.pruning import PruneRule
 from msjax.generate.tts import MODES, SELECTIONS, resolve_k
-from msjax.tokenizer import TEMPLATES, Tokenizer
+from msjax.templates import TEMPLATE_NAMES
+from msjax.tokenizer import LANG_STEP_MODES, MATH_SUFFIX, Tokenizer
 
 MODEL = define_flag("string", "model", None, "A Hugging Face folder or an msjax checkpoint.")
-INPUT = define_flag("string", "input", None, "Input JSONL file.")
+INPUT = define_flag("string", "input", None, "Input .jsonl / .parquet / .json file.")
 OUTPUT = define_flag("string", "output", None, "Output JSONL file.")
 MODE = define_flag("enum", "mode", None, "Reasoning effort (Best-of-k).", enum_values=list(MODES))
 K = define_flag("integer", "k", None, "Candidates per prompt (instead of --mode).")
 TEMPERATURE = define_flag("float", "temperature", 0.6, "Sampling temperature; 0 = greedy.")
 TOP_P = define_flag("float", "top_p", 0.95, "Nucleus sampling mass in (0, 1].")
 TOP_K = define_flag("integer", "top_k", 0, "Keep the k most likely tokens (0 = off).")
+REPETITION = define_flag(
+    "float", "repetition_penalty", 1.0, "vLLM-style repetition penalty (1 = off)."
+)
 MAX_NEW = define_flag("integer", "max_new_tokens", 1024, "Generated tokens per candidate.")
 SEED = define_flag("integer", "seed", 0, "Sampling seed.")
 PRUNE = define_flag("string", "prune", None, "Early pruning rule, e.g. 'margin=0.2,every=64'.")
 BATCH_SIZE = define_flag("integer", "batch_size", 8, "Prompts per sampler call.")
 TEMPLATE = define_flag(
-    "enum", "template", "r1", "Template for 'problem' rows.", enum_values=list(TEMPLATES)
+    "enum",
+    "template",
+    None,
+    "Prompt template (default: chat when the checkpoint has one, else none / r1).",
+    enum_values=list(TEMPLATE_NAMES),
+)
+SUFFIX = define_flag("string", "suffix", MATH_SUFFIX, "Text after a bare problem ('' = none).")
+PRESET = define_flag(
+    "enum", "preset", None, "The original's test-time settings.", enum_values=["official"]
+)
+REWARD = define_flag("enum", "reward", None, "Grading rule.", enum_values=list(REWARDS))
+MANAGER = define_flag(
+    "enum",
+    "manager",
+    "naive",
+    "Official reward manager: naive (1.5B/7B) or prime (32B).",
+    enum_values=["naive", "prime"],
+)
+LANG = define_flag(
+    "enum",
+    "lang",
+    "en",
+    "Step delimiters: en = the '.\\n\\n' token, zh = the Chinese mode (REFERENCE section 2).",
+    enum_values=["en", "zh"],
+)
+ALLOW_UNTRAINED = define_flag(
+    "bool", "allow_untrained_head", False, "Run with an untrained (random) SPRM head."
+)
+POOL = define_flag(
+    "string", "pool", None, "Comma-separated msjax-infer outputs: print the pooled metric only."
 )
 SELECTION = define_flag(
     "enum", "selection", "bon", "How to choose among candidates.", enum_values=list(SELECTIONS)
@@ -64,21 +117,37 @@ for _alias, _name in (
 
 
 def options_from_flags() -> InferOptions:
-    """InferOptions from the flags; app.UsageError naming the flag for a bad value."""
+    """InferOptions from the flags (over the preset's values, when --preset is given: flags given
+    explicitly win); app.UsageError naming the flag for a bad value."""
+    preset = dict(OFFICIAL_PRESET) if PRESET.value == "official" else {}
+    given = lambda holder: holder.present or holder.name not in preset
+
     try:
-        k = 1 if MODE.value is None and K.value is None else resolve_k(MODE.value, K.value)
-        prune = PruneRule.parse(PRUNE.value) if PRUNE.value else None
+        values = dict(preset)
+        if MODE.value is not None or K.value is not None:
+            values["k"] = resolve_k(MODE.value, K.value)
+        elif not preset:
+            values["k"] = 1
+        for name, holder in (
+            ("temperature", TEMPERATURE),
+            ("top_p", TOP_P),
+            ("top_k", TOP_K),
+            ("repetition_penalty", REPETITION),
+            ("max_new_tokens", MAX_NEW),
+        ):
+            if given(holder):
+                values[name] = holder.value
+        if REWARD.value is not None:
+            values["reward"] = REWARD.value
         return InferOptions(
-            k=k,
-            temperature=TEMPERATURE.value,
-            top_p=TOP_P.value,
-            top_k=TOP_K.value,
-            max_new_tokens=MAX_NEW.value,
+            **values,
             seed=SEED.value,
-            prune=prune,
+            prune=PruneRule.parse(PRUNE.value) if PRUNE.value else None,
             batch_size=BATCH_SIZE.value,
             template=TEMPLATE.value,
+            suffix=SUFFIX.value or None,
             selection=SELECTION.value,
+            manager=MANAGER.value,
         )
     except ValueError as e:
         raise app.UsageError(str(e)) from e
@@ -99,6 +168,12 @@ def main(argv: list[str]) -> None:
     """argv: [program] (flags already parsed)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if POOL.value:
+        try:
+            print(summary_table(pool_files([p for p in POOL.value.split(",") if p])))
+        except (OSError, ValueError) as e:
+            raise app.UsageError(f"--pool: {e}") from e
+        return
     for holder in (MODEL, INPUT, OUTPUT):
         if not holder.value:
             raise app.UsageError(f"--{holder.name} is required.")
@@ -109,11 +184,21 @@ def main(argv: list[str]) -> None:
     tok_dir = checkpoint.tokenizer_dir(MODEL.value)
     if tok_dir is None:
         raise app.UsageError(f"{MODEL.value} has no tokenizer.json (needed to encode prompts).")
-    tokenizer = Tokenizer.from_dir(tok_dir)
-    mesh = _mesh()
-    model, cfg = checkpoint.load_any(MODEL.value, mesh, dtype=DTYPE.value or "float32")
     try:
-        summary = infer_file(model, cfg, tokenizer, INPUT.value, OUTPUT.value, options, mesh=mesh)
+        checkpoint.require_trained_head(MODEL.value, ALLOW_UNTRAINED.value)
+        tokenizer = Tokenizer.from_dir(tok_dir, step_mode=LANG_STEP_MODES[LANG.value])
+        mesh = _mesh()
+        model, cfg = checkpoint.load_any(MODEL.value, mesh, dtype=DTYPE.value or "float32")
+        summary = infer_file(
+            model,
+            cfg,
+            tokenizer,
+            INPUT.value,
+            OUTPUT.value,
+            options,
+            mesh=mesh,
+            progress=sys.stderr.isatty(),
+        )
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     print(summary_table(summary))

@@ -1,28 +1,41 @@
-"""TFDS builder `local_math`: user math problems from JSONL / parquet files in a manual directory.
+"""TFDS builder `local_math`: math problems from the user's files, in the original work's shapes.
 
-Layout: files directly in the manual directory form the "train" split; files in a subdirectory
-form the split named after it (e.g. `test/aime24.jsonl` -> split "test"). Accepted row keys:
-problem from "problem" / "question" (any case), answer from "answer" / "final_answer" /
-"expected_answer" (any case); without an answer, the last `\\boxed{}` of "solution"; a GSM8K-style
-answer ("... #### 42") keeps the part after "####"; a boxed answer keeps the boxed content.
+Files: JSONL (one object per line), parquet (one row per record; the verl schema included) and
+a JSON list (the C-Eval file). Given as a manual directory, files directly in it form the "train"
+split and files in a subdirectory form the split named after it (e.g. `test/aime24.jsonl` ->
+split "test"); given as a list of files (`files=`), they form the "train" split.
+
+The prompt of a row, by priority (REFERENCE section 9):
+  "prompt" as a list of chat messages {"role", "content"} (verl parquet) -> kind "chat";
+  "prompt" or "model_input" as text (AIME JSONL, C-Eval JSON: instructions included) -> "prompt";
+  "problem" / "question" (any case) -> kind "problem" (a bare problem; the suffix is added later).
+The gold answer: "answer" / "final_answer" / "expected_answer" (any case) or the verl
+`reward_model.ground_truth` (a string, or a dict with "target"); without one, the last
+`\\boxed{}` of "solution". A GSM8K-style answer ("... #### 42") keeps the part after "####"; a
+boxed answer keeps the boxed content.
 
 Each row is validated; bad rows are skipped and counted by reason:
   bad_json (not a JSON object), invalid_utf8, empty_problem, no_answer, bad_field (a field that is
-  not text or a number), ambiguous (two keys giving different problems or answers), too_long
+  not text or a number), bad_chat (a chat prompt that is not a list of {role, content} messages
+  with known roles), ambiguous (two keys giving different problems or answers), too_long
   (problem or answer longer than the limit), duplicate (same problem, whitespace and case
   folded, already kept in the split).
-Features: problem, answer, origin ("file:row", text), id (int64).
+A file that cannot hold rows at all (a parquet or JSON file that does not parse, a parquet with
+no prompt column or, when answers are required, no answer column) is a ValueError naming it.
+Features: problem (the text of the problem or prompt: a conversation's last user message),
+prompt (the text, or the conversation as JSON), kind, answer, origin ("file:row"), id (int64).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +44,11 @@ import tensorflow_datasets as tfds
 
 from msjax.data.sources import ArrayRecordBuilder, BuiltDataset, prepare, quiet
 from msjax.rewards.math import extract_boxed
+from msjax.templates import check_messages
 
-VERSION = tfds.core.Version("1.0.0")
-SUFFIXES = (".jsonl", ".parquet")
+VERSION = tfds.core.Version("1.1.0")
+SUFFIXES = (".jsonl", ".parquet", ".json")
+PROMPT_KEYS = ("prompt", "model_input")
 PROBLEM_KEYS = ("problem", "question")
 ANSWER_KEYS = ("answer", "final_answer", "expected_answer")
 SOLUTION_KEYS = ("solution",)
@@ -43,6 +58,7 @@ SKIP_REASONS = (
     "empty_problem",
     "no_answer",
     "bad_field",
+    "bad_chat",
     "ambiguous",
     "too_long",
     "duplicate",
@@ -52,11 +68,28 @@ log = logging.getLogger(__name__)
 
 
 class RowError(Exception):
-    """A row skipped for `reason` (one of SKIP_REASONS)."""
+    """A row skipped for `reason` (one of SKIP_REASONS); `detail` says what is wrong."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclasses.dataclass(frozen=True)
+class MathRow:
+    """One usable row. kind: "problem" | "prompt" | "chat"; prompt: the text, or the messages
+    for "chat"; problem: the readable text (a conversation's last user message); answer: the
+    gold answer or None."""
+
+    kind: str
+    prompt: str | tuple[dict[str, str], ...]
+    problem: str
+    answer: str | None
+
+    def record(self) -> dict[str, str]:
+        """The TFDS features of the row (a conversation as JSON)."""
+        prompt = self.prompt if isinstance(self.prompt, str) else json.dumps(list(self.prompt))
+        return {"kind": self.kind, "prompt": prompt, "problem": self.problem, "answer": self.answer}
 
 
 @dataclasses.dataclass
@@ -110,22 +143,64 @@ def _text(value: Any) -> str | None:
     return value or None
 
 
-def _pick(row: dict[str, Any], keys: tuple[str, ...]) -> str | None:
-    lowered = {str(k).lower(): v for k, v in row.items()}
-    values = {t for k in keys if (t := _text(lowered.get(k))) is not None}
+def _lowered(row: dict[str, Any]) -> dict[str, Any]:
+    return {str(k).lower(): v for k, v in row.items()}
+
+
+def _pick(row: dict[str, Any], keys: tuple[str, ...], extra: Sequence[Any] = ()) -> str | None:
+    """The one text that the `keys` of `row` (already lowered) and `extra` values give."""
+    values = {t for v in [*(row.get(k) for k in keys), *extra] if (t := _text(v)) is not None}
     if len(values) > 1:
-        raise RowError("ambiguous")
+        raise RowError("ambiguous", f"different values for {keys}")
     return next(iter(values), None)
 
 
-def normalize_row(row: Any, max_problem_chars: int, max_answer_chars: int) -> tuple[str, str]:
-    """A raw row -> (problem, answer); RowError(reason) when the row must be skipped."""
+def _ground_truth(row: dict[str, Any]) -> Any:
+    """verl's reward_model.ground_truth: a string, or a dict with "target"."""
+    reward_model = row.get("reward_model")
+    if not isinstance(reward_model, dict):
+        return None
+    truth = reward_model.get("ground_truth")
+    return truth.get("target") if isinstance(truth, dict) else truth
+
+
+def _prompt(row: dict[str, Any]) -> tuple[str, Any]:
+    """(kind, prompt) of a lowered row; RowError when it has none."""
+    value = row.get("prompt")
+    if isinstance(value, list | tuple):
+        try:
+            messages = check_messages(value)
+        except ValueError as e:
+            raise RowError("bad_chat", str(e)) from e
+        if not any(m["content"].strip() for m in messages):
+            raise RowError("empty_problem", "every chat message is empty")
+        return "chat", messages
+    text = _pick(row, PROMPT_KEYS)
+    if text is not None:
+        return "prompt", text
+    text = _pick(row, PROBLEM_KEYS)
+    if text is None:
+        raise RowError("empty_problem", f"no non-empty {PROMPT_KEYS + PROBLEM_KEYS} field")
+    return "problem", text
+
+
+def normalize_row(
+    row: Any, max_problem_chars: int, max_answer_chars: int, *, require_answer: bool = True
+) -> MathRow:
+    """A raw row -> MathRow; RowError(reason) when the row must be skipped (see the module
+    docstring). Without `require_answer`, a row without a gold answer gets answer None."""
     if not isinstance(row, dict):
-        raise RowError("bad_json")
-    problem = _pick(row, PROBLEM_KEYS)
-    if problem is None:
-        raise RowError("empty_problem")
-    answer = _pick(row, ANSWER_KEYS)
+        raise RowError("bad_json", f"a row must be an object, found {type(row).__name__}")
+    row = _lowered(row)
+    kind, prompt = _prompt(row)
+    if kind == "chat":
+        users = [m["content"] for m in prompt if m["role"] == "user"]
+        problem = (users or [prompt[-1]["content"]])[-1].strip()
+        size = sum(len(m["content"]) for m in prompt)
+    else:
+        problem = prompt.strip() if kind == "problem" else prompt
+        size = len(prompt)
+    answer = _pick(row, ANSWER_KEYS, [_ground_truth(row)])
     if answer is not None and "####" in answer:
         answer = answer.rsplit("####", 1)[1].strip() or None
     elif answer is not None and ("\\boxed" in answer or "\\fbox" in answer):
@@ -133,38 +208,84 @@ def normalize_row(row: Any, max_problem_chars: int, max_answer_chars: int) -> tu
     if answer is None:
         solution = _pick(row, SOLUTION_KEYS)
         answer = extract_boxed(solution) if solution else None
-    if not answer or not answer.strip():
-        raise RowError("no_answer")
-    if len(problem) > max_problem_chars or len(answer) > max_answer_chars:
-        raise RowError("too_long")
-    return problem, answer.strip()
+    answer = answer.strip() if answer else None
+    if not answer and require_answer:
+        raise RowError("no_answer", "no gold answer")
+    if size > max_problem_chars or len(answer or "") > max_answer_chars:
+        raise RowError("too_long", f"longer than {max_problem_chars} / {max_answer_chars} chars")
+    return MathRow(kind, prompt, problem, answer or None)
 
 
-def _jsonl_rows(path: Path) -> Iterator[Any]:
-    """Rows of a JSONL file; RowError instances stand for unreadable lines."""
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, row) of a JSONL file; RowError rows stand for unreadable lines."""
     with open(path, "rb") as f:
-        for line in f:
+        for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 text = line.decode("utf-8")
-            except UnicodeDecodeError:
-                yield RowError("invalid_utf8")
+            except UnicodeDecodeError as e:
+                yield n, RowError("invalid_utf8", f"byte {e.start} is not UTF-8")
                 continue
             try:
-                yield json.loads(text)
-            except json.JSONDecodeError:
-                yield RowError("bad_json")
+                yield n, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield n, RowError("bad_json", f"not valid JSON ({e.msg})")
 
 
-def _parquet_rows(path: Path) -> Iterator[Any]:
+def _check_columns(path: Path, columns: Sequence[str], require_answer: bool) -> None:
+    have = {c.lower() for c in columns}
+    if not have & {*PROMPT_KEYS, *PROBLEM_KEYS}:
+        raise ValueError(
+            f"{path} has no prompt column (columns: {sorted(columns)}); it needs one of "
+            f"{PROMPT_KEYS + PROBLEM_KEYS}"
+        )
+    if require_answer and not have & {*ANSWER_KEYS, *SOLUTION_KEYS, "reward_model"}:
+        raise ValueError(
+            f"{path} has no answer column (columns: {sorted(columns)}); it needs one of "
+            f"{ANSWER_KEYS + SOLUTION_KEYS + ('reward_model',)}"
+        )
+
+
+def _parquet_rows(path: Path, require_answer: bool) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as e:
         raise ValueError(f"cannot read parquet file {path}: {e}; fix or remove it") from e
-    yield from table.to_pylist()
+    _check_columns(path, table.column_names, require_answer)
+    for start in range(0, table.num_rows, 1024):
+        yield from enumerate(table.slice(start, 1024).to_pylist(), start=start + 1)
+
+
+def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON file ({e}); fix it or write it as JSONL") from e
+    if not isinstance(rows, list):
+        raise ValueError(
+            f"{path} holds a JSON {type(rows).__name__}; a .json data file must be a list of "
+            "row objects (one object per line is .jsonl)"
+        )
+    yield from enumerate(rows, start=1)
+
+
+def read_rows(path: str | os.PathLike, *, require_answer: bool = True) -> Iterator[tuple[int, Any]]:
+    """(row number, raw row or RowError) of a .jsonl / .parquet / .json file; the number is the
+    line of a JSONL file and the 1-based row of the others. ValueError naming the file when it
+    cannot hold rows (see the module docstring)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        yield from _jsonl_rows(path)
+    elif path.suffix == ".parquet":
+        yield from _parquet_rows(path, require_answer)
+    elif path.suffix == ".json":
+        yield from _json_rows(path)
+    else:
+        raise ValueError(f"{path}: unknown data file type; use {' / '.join(SUFFIXES)}")
 
 
 def find_files(manual_dir: str | os.PathLike) -> dict[str, list[Path]]:
@@ -189,32 +310,50 @@ def find_files(manual_dir: str | os.PathLike) -> dict[str, list[Path]]:
     return dict(files)
 
 
+def explicit_files(files: str | Sequence[str | os.PathLike]) -> dict[str, list[Path]]:
+    """{"train": paths} of a list of files (or one comma-separated string); FileNotFoundError /
+    ValueError naming a missing file or one of an unknown type."""
+    if isinstance(files, str):
+        files = [f for f in files.split(",") if f.strip()]
+    paths = [Path(os.path.abspath(str(f).strip())) for f in files]
+    if not paths:
+        raise ValueError("no data files given")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"data file {p} does not exist")
+        if p.suffix not in SUFFIXES:
+            raise ValueError(f"{p}: unknown data file type; use {' / '.join(SUFFIXES)}")
+    return {"train": paths}
+
+
 def read_math_files(
-    manual_dir: str | os.PathLike,
+    manual_dir: str | os.PathLike | None = None,
     *,
+    files: str | Sequence[str | os.PathLike] | None = None,
     max_problem_chars: int = 8192,
     max_answer_chars: int = 512,
 ) -> tuple[dict[str, list[dict[str, str]]], ReadSummary]:
-    """Reads, validates and de-duplicates every file -> ({split: rows}, summary).
-
-    Rows are dicts {problem, answer, origin}; raises ValueError when a split keeps no row.
-    """
-    root = Path(manual_dir)
+    """Reads, validates and de-duplicates every file of `manual_dir` (or the list `files`) ->
+    ({split: rows}, summary). Rows are `MathRow.record()` dicts plus "origin"; raises ValueError
+    when a split keeps no row."""
+    if (manual_dir is None) == (files is None):
+        raise ValueError("pass either manual_dir or files")
+    root = None if manual_dir is None else Path(manual_dir)
+    splits = find_files(root) if root is not None else explicit_files(files)
     summary = ReadSummary()
     out: dict[str, list[dict[str, str]]] = {}
-    for split, paths in find_files(root).items():
+    for split, paths in splits.items():
         seen: set[str] = set()
         rows = out.setdefault(split, [])
         for path in paths:
-            summary.files.append(str(path.relative_to(root)))
-            reader = _jsonl_rows if path.suffix == ".jsonl" else _parquet_rows
-            for i, raw in enumerate(reader(path)):
+            summary.files.append(str(path.relative_to(root)) if root else str(path))
+            for n, raw in read_rows(path):
                 summary.rows[split] += 1
                 try:
                     if isinstance(raw, RowError):
                         raise raw
-                    problem, answer = normalize_row(raw, max_problem_chars, max_answer_chars)
-                    key = " ".join(problem.split()).casefold()
+                    row = normalize_row(raw, max_problem_chars, max_answer_chars)
+                    key = " ".join(row.problem.split()).casefold()
                     if key in seen:
                         raise RowError("duplicate")
                 except RowError as e:
@@ -222,26 +361,28 @@ def read_math_files(
                     continue
                 seen.add(key)
                 summary.kept[split] += 1
-                rows.append({"problem": problem, "answer": answer, "origin": f"{path.name}:{i}"})
+                rows.append({**row.record(), "origin": f"{path.name}:{n}"})
         if not rows:
-            raise ValueError(f"split {split!r} of {root} has no usable row:\n{summary}")
+            where = root or ", ".join(map(str, paths))
+            raise ValueError(f"split {split!r} of {where} has no usable row:\n{summary}")
     log.info("%s", summary)
     return out, summary
 
 
 @dataclasses.dataclass(eq=False)
 class LocalMathConfig(tfds.core.BuilderConfig):
-    """Length limits of one local_math build."""
+    """Length limits of one local_math build; `files`: explicit files (else the manual dir)."""
 
     max_problem_chars: int = 8192
     max_answer_chars: int = 512
+    files: tuple[str, ...] = ()
 
 
 class LocalMath(ArrayRecordBuilder, skip_registration=True):
     """User-supplied math problems with final answers."""
 
     VERSION = VERSION
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "Put JSONL / parquet files of {problem, answer} rows here."
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "Put .jsonl / .parquet / .json files of math rows here."
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -250,6 +391,8 @@ class LocalMath(ArrayRecordBuilder, skip_registration=True):
             features=tfds.features.FeaturesDict(
                 {
                     "problem": tfds.features.Text(),
+                    "prompt": tfds.features.Text(),
+                    "kind": tfds.features.Text(),
                     "answer": tfds.features.Text(),
                     "origin": tfds.features.Text(),
                     "id": np.int64,
@@ -261,7 +404,8 @@ class LocalMath(ArrayRecordBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         c = self.builder_config
         splits, summary = read_math_files(
-            dl_manager.manual_dir,
+            None if c.files else dl_manager.manual_dir,
+            files=c.files or None,
             max_problem_chars=c.max_problem_chars,
             max_answer_chars=c.max_answer_chars,
         )
@@ -273,31 +417,46 @@ class LocalMath(ArrayRecordBuilder, skip_registration=True):
             yield f"{split}-{i:09d}", {**row, "id": i}
 
 
-def _files_fingerprint(manual_dir: Path) -> list[list]:
+def files_config_name(files: str | Sequence[str | os.PathLike]) -> str:
+    """The config name of a build from a list of files: "files_<hash of their paths>"."""
+    paths = "\n".join(str(p) for p in explicit_files(files)["train"])
+    return f"files_{hashlib.sha1(paths.encode()).hexdigest()[:10]}"
+
+
+def _fingerprint(splits: dict[str, list[Path]], root: Path | None) -> list[list]:
     return [
-        [str(p.relative_to(manual_dir)), p.stat().st_size, p.stat().st_mtime_ns]
-        for paths in find_files(manual_dir).values()
+        [str(p.relative_to(root) if root else p), p.stat().st_size, p.stat().st_mtime_ns]
+        for paths in splits.values()
         for p in paths
     ]
 
 
 def build_local_math(
-    manual_dir: str | os.PathLike,
+    manual_dir: str | os.PathLike | None,
     data_dir: str | os.PathLike,
     *,
+    files: str | Sequence[str | os.PathLike] | None = None,
     max_problem_chars: int = 8192,
     max_answer_chars: int = 512,
-    config_name: str = "default",
+    config_name: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
     verbose: bool = True,
 ) -> BuiltDataset:
-    """Prepares `local_math/<config_name>` under `data_dir` from the files in `manual_dir`
-    (reused when built from the same files with the same limits). The read summary is logged,
-    printed when `verbose`, and kept in `metadata["summary"]`."""
-    manual_dir = Path(manual_dir)
+    """Prepares `local_math/<config_name>` under `data_dir` from the files in `manual_dir`, or
+    from the list `files` (one "train" split; manual_dir None). It is reused when built from the
+    same files with the same limits. config_name defaults to "default" for a manual dir and to
+    "files_<hash of the paths>" for a list of files. The read summary is logged, printed when
+    `verbose`, and kept in `metadata["summary"]`."""
+    root = None if manual_dir is None else Path(manual_dir)
+    if (root is None) == (files is None):
+        raise ValueError("pass either manual_dir or files")
+    splits = find_files(root) if root is not None else explicit_files(files)  # raises first
+    paths = tuple(str(p) for p in splits.get("train", [])) if root is None else ()
+    if config_name is None:
+        config_name = "default" if root is not None else files_config_name(files)
     params = {
-        "files": _files_fingerprint(manual_dir),  # raises first when the folder is missing
+        "files": _fingerprint(splits, root),
         "max_problem_chars": max_problem_chars,
         "max_answer_chars": max_answer_chars,
     }
@@ -307,10 +466,11 @@ def build_local_math(
         description="local math problems",
         max_problem_chars=max_problem_chars,
         max_answer_chars=max_answer_chars,
+        files=paths,
     )
     with quiet(not progress):
         builder = LocalMath(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
-        ds = prepare(builder, params, overwrite=overwrite, manual_dir=manual_dir)
+        ds = prepare(builder, params, overwrite=overwrite, manual_dir=root)
     if verbose:
         print(format_summary(ds.metadata.get("summary", {})))
     return ds

@@ -25,7 +25,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from msjax.tokenizer import MATH_SUFFIX, Tokenizer, render_prompt
+from msjax.templates import ChatTemplate, render_prompt
+from msjax.tokenizer import MATH_SUFFIX, Tokenizer
 
 log = logging.getLogger(__name__)
 ResponseFn = Callable[[dict, np.random.Generator], str]
@@ -101,7 +102,7 @@ class _Pipeline(abc.ABC):
         batch_size: int,
         max_len: int,
         buckets: Sequence[int] | None,
-        template: str,
+        template: str | None,
         suffix: str | None,
         seed: int,
         shuffle: bool,
@@ -120,8 +121,9 @@ class _Pipeline(abc.ABC):
         self.buckets = tuple(sorted(buckets)) if buckets else default_buckets(max_len)
         if self.buckets[-1] < max_len:
             raise ValueError(f"buckets {self.buckets} must reach max_len {max_len}")
-        self.template, self.suffix = template, suffix
-        render_prompt("", template)  # unknown template -> error now
+        self.template, self.suffix = template or None, suffix
+        self.chat = ChatTemplate.of(tokenizer)
+        render_prompt("x", template=self.template, chat=self.chat)  # a bad template -> error now
         self.seed, self.drop_remainder = seed, drop_remainder
         if shard_index is None or shard_count is None:
             import jax
@@ -157,7 +159,7 @@ class _Pipeline(abc.ABC):
             "kept": len(keep),
             "max_len": max_len,
             "buckets": self.buckets,
-            "template": template,
+            "template": self.template,
             "suffix": suffix,
             "vocab_size": tokenizer.vocab_size,
             "batch_size": batch_size,
@@ -189,7 +191,19 @@ class _Pipeline(abc.ABC):
         return DataIterator(self._dataset, self.fingerprint)
 
     def _prompt_text(self, record: dict) -> str:
-        return render_prompt(as_text(record["problem"]), self.template, self.suffix)
+        """The record rendered by `msjax.templates.render_prompt` (records without "kind", e.g.
+        the synthetic task's, are bare problems)."""
+        kind = as_text(record["kind"]) if "kind" in record else "problem"
+        prompt = as_text(record["prompt"] if "prompt" in record else record["problem"])
+        if kind == "chat":
+            prompt = json.loads(prompt)
+        try:
+            return render_prompt(
+                prompt, kind=kind, template=self.template, chat=self.chat, suffix=self.suffix
+            )
+        except ValueError as e:
+            where = as_text(record["origin"]) if "origin" in record else "a record"
+            raise ValueError(f"{where}: {e}") from e
 
     @abc.abstractmethod
     def _prepass(self) -> tuple[np.ndarray, np.ndarray]:
@@ -231,7 +245,7 @@ class PromptPipeline(_Pipeline):
         batch_size: int,
         max_prompt_len: int,
         buckets: Sequence[int] | None = None,
-        template: str = "r1",
+        template: str | None = None,
         suffix: str | None = MATH_SUFFIX,
         seed: int = 0,
         shuffle: bool = True,
@@ -323,7 +337,7 @@ class SftPipeline(_Pipeline):
         max_len: int,
         response_fn: ResponseFn = gold_response,
         buckets: Sequence[int] | None = None,
-        template: str = "r1",
+        template: str | None = None,
         suffix: str | None = MATH_SUFFIX,
         seed: int = 0,
         shuffle: bool = True,

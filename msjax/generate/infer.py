@@ -1,26 +1,36 @@
-"""Batch test-time-scaling inference over a JSONL file (the library behind `msjax-infer`).
+"""Batch test-time-scaling inference over a data file (the library behind `msjax-infer`).
 
-Input rows: {"prompt": str} used verbatim, or {"problem": str} rendered with the prompt
-template (`msjax.tokenizer.render_prompt`); optional "answer" (the gold final answer).
-Output: one row per non-blank input line, in order:
-    {"line", "response", "score", "answer", "correct", "candidates": [{"response", "tokens",
-     "score", "step_scores", "step_positions", "finish_reason", "answer", "correct"}]}
-"answer" is the chosen response's last \\boxed{} content; "correct" is null without a gold
-answer. A row that cannot be run (malformed JSON, no prompt, empty prompt, prompt too long for
-the model) gives nulls and an "error" naming the line, and is counted as skipped. The output is
-written to a temporary file next to OUTPUT and renamed when complete.
+Input: a .jsonl / .parquet / .json file in any shape `msjax.data.local_math` reads (the
+original work's AIME JSONL, verl parquet and C-Eval JSON included); rows without a gold answer
+are run and left ungraded. Each prompt is rendered by `msjax.templates.render_prompt`
+(`InferOptions.template`, default: the checkpoint's chat template when it has one).
+Output: one row per input row (non-blank line of a JSONL file), in order:
+    {"line", "prompt", "gold", "response", "score", "answer", "correct", "candidates":
+     [{"response", "tokens", "score", "step_scores", "step_positions", "finish_reason",
+       "answer", "correct"}]}
+"line" is the row's line (JSONL) or 1-based row number; "prompt" the rendered prompt; "gold"
+the input's gold answer; "answer" the chosen response's extracted one; "correct" is null
+without a gold answer. A row that cannot be run (bad JSON, not UTF-8, no prompt, a chat prompt
+with an unknown role, a prompt too long for the model, a template that fails on it) gives nulls
+and an "error" naming the line, and is counted as skipped; a file that cannot hold rows at all is
+a ValueError before anything is written. The output is written to a temporary file next to
+OUTPUT and renamed when complete.
 
 Sample j of the prompt on input line l is drawn with id (l * k + j), so results do not depend on
---batch_size.
+--batch_size. The summary's disjoint-group metrics (`pooled_metrics`) follow the original's
+metric: a problem's candidates (pooled over runs / files) cut into groups of N, the first
+maximum score chosen per group, accuracy averaged over groups.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,34 +50,58 @@ from msjax.generate.tts import (
     token_stats,
     weighted_at_k,
 )
+from msjax.tokenizer import MATH_SUFFIX
 
 log = logging.getLogger(__name__)
 
 _NULL_ROW = {"response": None, "score": None, "answer": None, "correct": None, "candidates": []}
+REWARDS = ("math", "official")
+GROUP_SIZES = (2, 8, 32)  # the low / medium / high modes
+# The original's test-time settings (REFERENCE section 5), `--preset official`.
+OFFICIAL_PRESET = dict(
+    k=16,
+    temperature=0.6,
+    top_p=0.95,
+    top_k=0,
+    repetition_penalty=1.05,
+    max_new_tokens=32768,
+    clamp_max_new_tokens=True,
+    reward="official",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class InferOptions:
-    """Decoding and selection settings of a JSONL run.
+    """Decoding, prompt and grading settings of a run.
 
-    k: candidates per prompt; temperature (0 = greedy), top_p, top_k (0 = off);
-    max_new_tokens; seed; prune: optional PruneRule; batch_size: prompts per sampler call;
-    template: prompt template for "problem" rows ("r1" or "plain"); selection: "bon",
-    "majority" or "weighted".
+    k: candidates per prompt; temperature (0 = greedy), top_p, top_k (0 = off),
+    repetition_penalty (1 = off); max_new_tokens, and clamp_max_new_tokens: lower it to what the
+    model's context leaves after the longest prompt (else a prompt that does not fit is a row
+    error); seed; prune: optional PruneRule; batch_size: prompts per sampler call;
+    template: "chat" | "none" | "r1" | "plain" | None (the default rule of msjax.templates);
+    suffix: appended to bare problems; selection: "bon", "majority" or "weighted";
+    reward: "math" or "official" (the original's rule, `manager` "naive" or "prime").
     """
 
     k: int = 1
     temperature: float = 0.6
     top_p: float = 0.95
     top_k: int = 0
+    repetition_penalty: float = 1.0
     max_new_tokens: int = 1024
+    clamp_max_new_tokens: bool = False
     seed: int = 0
     prune: PruneRule | None = None
     batch_size: int = 8
-    template: str = "r1"
+    template: str | None = None
+    suffix: str | None = MATH_SUFFIX
     selection: str = "bon"
+    reward: str = "math"
+    manager: str = "naive"
 
     def __post_init__(self):
+        from msjax.templates import TEMPLATE_NAMES
+
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k={self.k!r} candidates per prompt must be an int >= 1.")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -77,47 +111,20 @@ class InferOptions:
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
             score_steps=False,
         )
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection={self.selection!r}; choose one of {SELECTIONS}.")
-        from msjax.tokenizer import TEMPLATES
+        if self.template is not None and self.template not in TEMPLATE_NAMES:
+            raise ValueError(f"template={self.template!r}; choose one of {TEMPLATE_NAMES}.")
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward={self.reward!r}; choose one of {REWARDS}.")
 
-        if self.template not in TEMPLATES:
-            raise ValueError(f"template={self.template!r}; choose one of {sorted(TEMPLATES)}.")
-
-
-def parse_row(line: str, template: str) -> tuple[str, str | None]:
-    """(prompt text, gold answer or None) of one JSONL row; ValueError naming the problem."""
-    from msjax.tokenizer import render_prompt
-
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg})") from e
-    if not isinstance(row, dict):
-        raise ValueError(f"a row must be a JSON object, found {type(row).__name__}")
-    answer = row.get("answer")
-    if answer is not None:
-        if isinstance(answer, int | float) and not isinstance(answer, bool):
-            answer = str(answer)
-        if not isinstance(answer, str):
-            raise ValueError("'answer' must be a string or a number")
-    if "prompt" in row:
-        prompt = row["prompt"]
-        if not isinstance(prompt, str):
-            raise ValueError("'prompt' must be a string")
-    elif "problem" in row:
-        if not isinstance(row["problem"], str):
-            raise ValueError("'problem' must be a string")
-        if not row["problem"].strip():
-            raise ValueError("'problem' is empty")
-        prompt = render_prompt(row["problem"], template)
-    else:
-        raise ValueError("a row needs 'prompt' or 'problem'")
-    if not prompt.strip():
-        raise ValueError("'prompt' is empty")
-    return prompt, answer
+    @classmethod
+    def official(cls, **changes: Any) -> InferOptions:
+        """The original's test-time settings (OFFICIAL_PRESET) with `changes` applied."""
+        return cls(**{**OFFICIAL_PRESET, **changes})
 
 
 def prompt_buckets(max_prompt: int, smallest: int = 64) -> tuple[int, ...]:
@@ -142,6 +149,7 @@ def build_sampler(model, cfg, tokenizer, options: InferOptions, mesh=None) -> Sa
         temperature=options.temperature,
         top_p=options.top_p,
         top_k=options.top_k,
+        repetition_penalty=options.repetition_penalty,
         prompt_buckets=prompt_buckets(limit, min(64, limit)),
         prune=options.prune,
     )
@@ -161,25 +169,66 @@ def _candidate_row(c, correct: bool | None) -> dict[str, Any]:
     }
 
 
-def _grade(choices: list[Choice], golds: list[str | None], verifier) -> list[list | None]:
-    """Per prompt: correctness of each candidate (None for a pruned one), or None without gold."""
+def _make_verifier(options: InferOptions):
+    from msjax.rewards.math import MathVerifier
+
+    if options.reward == "math":
+        return MathVerifier()
+    try:
+        return MathVerifier(reward=options.reward, manager=options.manager)
+    except TypeError as e:  # a MathVerifier without the official rule
+        raise ValueError(
+            "reward 'official' needs msjax.rewards' official rule (MathVerifier(reward="
+            "'official')), which this msjax does not have; use --reward math"
+        ) from e
+
+
+def _ceval_reward():
+    """`msjax.rewards.ceval_reward(text, gold) -> float`, the C-Eval letter rule."""
+    try:
+        from msjax.rewards import ceval_reward
+    except ImportError as e:
+        raise ValueError(
+            "C-Eval rows (model_input + letter answer) are graded by "
+            "msjax.rewards.ceval_reward, which this msjax does not have"
+        ) from e
+    return ceval_reward
+
+
+def _grade(chunk, choices: list[Choice], verifier, options, tokenizer) -> list[list | None]:
+    """Per prompt: correctness of each candidate (None for a pruned one), or None without gold.
+
+    "official" grades the rendered prompt + the response decoded with its special tokens (what
+    the original's reward receives); C-Eval rows use the letter rule."""
+    out: list[list | None] = [
+        None if r["gold"] is None else [None] * len(ch.candidates)
+        for r, ch in zip(chunk, choices, strict=True)
+    ]
     todo = [
         (p, i)
-        for p, (ch, g) in enumerate(zip(choices, golds, strict=True))
-        if g is not None
+        for p, (r, ch) in enumerate(zip(chunk, choices, strict=True))
+        if r["gold"] is not None
         for i, c in enumerate(ch.candidates)
         if not c.pruned
     ]
-    rewards = []
-    if todo:
-        responses = [choices[p].candidates[i].response for p, i in todo]
-        rewards = verifier.verify_batch(responses, [golds[p] for p, _ in todo])
-    out: list[list | None] = [
-        None if g is None else [None] * len(ch.candidates)
-        for ch, g in zip(choices, golds, strict=True)
-    ]
-    for (p, i), r in zip(todo, rewards, strict=True):
-        out[p][i] = bool(r > 0.5)
+    official = options.reward == "official"
+
+    def text(p, i):
+        c = choices[p].candidates[i]
+        return tokenizer.decode(c.tokens) if official else c.response
+
+    ceval = [(p, i) for p, i in todo if chunk[p]["task"] == "ceval"]
+    math = [(p, i) for p, i in todo if chunk[p]["task"] != "ceval"]
+    if ceval:
+        reward = _ceval_reward()
+        for p, i in ceval:
+            out[p][i] = bool(reward(chunk[p]["prompt"] + text(p, i), chunk[p]["gold"]) > 0.5)
+    if math:
+        args = [[text(p, i) for p, i in math], [chunk[p]["gold"] for p, _ in math]]
+        if official:
+            args.append([chunk[p]["prompt"] for p, _ in math])
+        for (p, i), r in zip(math, verifier.verify_batch(*args), strict=True):
+            out[p][i] = bool(r > 0.5)
     return out
 
 
@@ -195,30 +244,29 @@ def infer_file(
     progress: bool = True,
     verifier=None,
 ) -> dict[str, Any]:
-    """Runs test-time scaling over a JSONL file (see the module docstring).
+    """Runs test-time scaling over a data file (see the module docstring).
 
     Args:
       model: a ReflectiveModel (its current state is used); cfg: its ModelConfig.
       tokenizer: an msjax.tokenizer.Tokenizer. options: InferOptions. mesh: optional mesh the
         model is sharded on.
-      progress: show a tqdm bar. verifier: an object with verify_batch(responses, golds) ->
-        rewards; default: a msjax.rewards.math.MathVerifier, started only if answers exist.
-    Returns a summary dict: rows, run, skipped, tokens_generated, pruned, tokens_saved_max,
-    and with gold answers: graded, pass@1, maj@k, bon@k, weighted@k, random@k, computed over
-    the candidates that were not pruned.
+      progress: show a tqdm bar. verifier: an object with verify_batch(responses, golds[,
+        prompts]) -> rewards; default: a msjax.rewards.math.MathVerifier for options.reward,
+        started only if answers exist.
+    Returns a summary dict: rows, run, skipped, k, max_new_tokens, tokens_generated, pruned,
+    tokens_saved_max, and with gold answers: graded, pass@1, maj@k, bon@k, weighted@k, random@k
+    (over the candidates that were not pruned) and "groups" (`pooled_metrics`).
     """
     from flax import nnx
     from tqdm import tqdm
 
-    from msjax.rewards.math import MathVerifier
-
+    rows, options = read_prompts(input_path, tokenizer, options, cfg)
     sampler = build_sampler(model, cfg, tokenizer, options, mesh)
-    rows = _read_rows(input_path, tokenizer, options, cfg)
     todo = [r for r in rows if "error" not in r]
     own_verifier = None
-    if verifier is None and any(r["gold"] is not None for r in todo):
-        verifier = own_verifier = MathVerifier()
-    graded: dict[str, list] = {"correct": [], "scores": [], "answers": []}
+    if verifier is None and any(r["gold"] is not None and r["task"] != "ceval" for r in todo):
+        verifier = own_verifier = _make_verifier(options)
+    graded: list[dict[str, Any]] = []
     totals = {"tokens_generated": 0, "pruned": 0, "tokens_saved_max": 0}
 
     def results():
@@ -244,14 +292,12 @@ def infer_file(
                 )[: len(chunk)]
                 for name, value in token_stats(choices, options.max_new_tokens).items():
                     totals[name] += value
-                flags = _grade(choices, [r["gold"] for r in chunk], verifier)
+                flags = _grade(chunk, choices, verifier, options, tokenizer)
                 for r, choice, fl in zip(chunk, choices, flags, strict=True):
+                    out = _output_row(r, choice, fl)
                     if fl is not None:
-                        keep = [i for i, c in enumerate(choice.candidates) if not c.pruned]
-                        graded["correct"].append([fl[i] for i in keep])
-                        graded["scores"].append([choice.candidates[i].score for i in keep])
-                        graded["answers"].append([choice.candidates[i].answer for i in keep])
-                    yield _output_row(r["line"], choice, fl)
+                        graded.append(out)
+                    yield out
                 bar.update(len(chunk))
 
     output_path = Path(output_path)
@@ -263,10 +309,11 @@ def infer_file(
             ready = results()
             for r in rows:
                 if "error" in r:
-                    out = {"line": r["line"], **_NULL_ROW, "error": r["error"]}
+                    out = {"line": r["line"], "prompt": None, "gold": r.get("gold"), **_NULL_ROW}
+                    out["error"] = r["error"]
                 else:
                     out = next(ready)
-                dst.write(json.dumps(out) + "\n")
+                dst.write(json.dumps(out, ensure_ascii=False) + "\n")
         os.replace(tmp, output_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -279,10 +326,14 @@ def infer_file(
         "run": len(todo),
         "skipped": len(rows) - len(todo),
         "k": options.k,
+        "max_new_tokens": options.max_new_tokens,
         **totals,
     }
-    if graded["correct"]:
-        c, s, a = graded["correct"], graded["scores"], graded["answers"]
+    if graded:
+        keep = [[c for c in r["candidates"] if c["finish_reason"] != "pruned"] for r in graded]
+        c = [[x["correct"] for x in cands] for cands in keep]
+        s = [[x["score"] for x in cands] for cands in keep]
+        a = [[x["answer"] for x in cands] for cands in keep]
         summary.update(
             {
                 "graded": len(c),
@@ -291,41 +342,75 @@ def infer_file(
                 "bon@k": bon_at_k(c, s),
                 "weighted@k": weighted_at_k(c, a, s),
                 "random@k": random_at_k(c),
+                "groups": pooled_metrics(graded),
             }
         )
     return summary
 
 
-def _read_rows(input_path, tokenizer, options: InferOptions, cfg) -> list[dict[str, Any]]:
-    """Every non-blank line as {"line", "ids", "gold"} or {"line", "error"} (logged)."""
-    limit = cfg.max_position_embeddings - options.max_new_tokens
+def read_prompts(
+    input_path, tokenizer, options: InferOptions, cfg
+) -> tuple[list[dict[str, Any]], InferOptions]:
+    """Every row as {"line", "ids", "prompt", "gold", "task"} or {"line", "error"} (logged), and
+    the options with max_new_tokens clamped when options.clamp_max_new_tokens. ValueError for a
+    file that cannot hold rows, or a template that cannot be used at all."""
+    from msjax.data.local_math import RowError, normalize_row, read_rows
+    from msjax.templates import ChatTemplate, render_prompt
+
+    chat = ChatTemplate.of(tokenizer)  # a template that does not compile raises here
+    if options.template == "chat" and chat is None:
+        render_prompt("x", template="chat")  # raises the "no chat template" error
+    positions = cfg.max_position_embeddings
+    limit = positions - (1 if options.clamp_max_new_tokens else options.max_new_tokens)
     rows = []
-    with open(input_path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                text, gold = parse_row(line, options.template)
-                ids = tokenizer.encode(text)
-                if not ids:
-                    raise ValueError("the prompt encodes to no tokens")
-                if len(ids) > limit:
-                    raise ValueError(
-                        f"the prompt has {len(ids)} tokens; with max_new_tokens="
-                        f"{options.max_new_tokens} that exceeds the model's limit of "
-                        f"{cfg.max_position_embeddings} positions"
-                    )
-                rows.append({"line": n, "ids": ids, "gold": gold})
-            except ValueError as e:
-                log.warning("%s line %d skipped: %s", input_path, n, e)
-                rows.append({"line": n, "error": f"line {n}: {e}"})
-    return rows
+    for n, raw in read_rows(input_path, require_answer=False):
+        gold = None
+        try:
+            if isinstance(raw, RowError):
+                raise raw
+            row = normalize_row(raw, 1 << 30, 1 << 20, require_answer=False)
+            gold = row.answer
+            text = render_prompt(
+                row.prompt,
+                kind=row.kind,
+                template=options.template,
+                chat=chat,
+                suffix=options.suffix,
+            )
+            ids = tokenizer.encode(text)
+            if not ids:
+                raise ValueError("the prompt encodes to no tokens")
+            if len(ids) > limit:
+                raise ValueError(
+                    f"the prompt has {len(ids)} tokens; with max_new_tokens="
+                    f"{options.max_new_tokens} that exceeds the model's limit of {positions} "
+                    "positions"
+                )
+            task = "ceval" if "model_input" in {str(k).lower() for k in raw} else "math"
+            rows.append({"line": n, "ids": ids, "prompt": text, "gold": gold, "task": task})
+        except (RowError, ValueError) as e:
+            log.warning("%s line %d skipped: %s", input_path, n, e)
+            rows.append({"line": n, "gold": gold, "error": f"line {n}: {e}"})
+    longest = max((len(r["ids"]) for r in rows if "ids" in r), default=0)
+    if options.clamp_max_new_tokens and longest + options.max_new_tokens > positions:
+        clamped = positions - longest
+        log.info(
+            "max_new_tokens %d -> %d: the longest prompt has %d tokens of the model's %d",
+            options.max_new_tokens,
+            clamped,
+            longest,
+            positions,
+        )
+        options = dataclasses.replace(options, max_new_tokens=clamped)
+    return rows, options
 
 
-def _output_row(line: int, choice: Choice, flags: list | None) -> dict[str, Any]:
+def _output_row(row: dict[str, Any], choice: Choice, flags: list | None) -> dict[str, Any]:
     best = choice.best
     return {
-        "line": line,
+        "line": row["line"],
+        "prompt": row["prompt"],
+        "gold": row["gold"],
         "response": best.response,
         "score": best.score,
         "answer": best.answer,
@@ -337,17 +422,79 @@ def _output_row(line: int, choice: Choice, flags: list | None) -> dict[str, Any]
     }
 
 
+def pooled_metrics(
+    rows: Sequence[dict[str, Any]], sizes: Sequence[int] = GROUP_SIZES
+) -> dict[str, dict[str, float]]:
+    """The original's metric over graded output rows (of one or several runs / files).
+
+    Candidates of the same problem (same "prompt") are pooled in the order given; for each group
+    size N, K = (fewest candidates of any problem) // N disjoint groups of N are cut from every
+    problem, the FIRST maximum score of each group is chosen (pruned candidates never are) and
+    accuracy is averaged over groups and problems (`msjax.evaluation.scaling_metrics`, which
+    also gives the majority vote and a random pick). Returns {str(N): {"bon", "maj", "random",
+    "groups": K}} for the N with K >= 1.
+    """
+    from msjax.evaluation import scaling_metrics
+
+    pooled: dict[str, list[dict]] = collections.defaultdict(list)
+    for r in rows:
+        if r.get("correct") is not None:
+            pooled[r["prompt"]].extend(r["candidates"])
+    fewest = min((len(c) for c in pooled.values()), default=0)
+    out = {}
+    for n in (n for n in sizes if n <= fewest):
+        groups = fewest // n
+        problems = [cands[: groups * n] for cands in pooled.values()]
+        m = scaling_metrics(
+            [[bool(c["correct"]) for c in p] for p in problems],
+            [[c["score"] for c in p] for p in problems],
+            [[c["answer"] for c in p] for p in problems],
+            [n],
+            eligible=[[c["finish_reason"] != "pruned" for c in p] for p in problems],
+        )
+        out[str(n)] = {name: m[name][str(n)] for name in ("bon", "maj", "random")}
+        out[str(n)]["groups"] = groups
+    return out
+
+
+def pool_files(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """`pooled_metrics` over the output files of several runs; ValueError naming a line that is
+    not an msjax-infer output row."""
+    rows = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n} is not an msjax-infer output row") from e
+                if not isinstance(row, dict) or "candidates" not in row:
+                    raise ValueError(f"{path} line {n} is not an msjax-infer output row")
+                rows.append(row)
+    problems = {r["prompt"] for r in rows if r.get("correct") is not None}
+    return {"files": len(paths), "problems": len(problems), "groups": pooled_metrics(rows)}
+
+
 def summary_table(summary: dict[str, Any]) -> str:
-    """A small text table of a summary from `infer_file`."""
-    lines = [
-        f"rows {summary['rows']}  run {summary['run']}  skipped {summary['skipped']}  "
-        f"k {summary['k']}",
-        f"tokens generated {summary['tokens_generated']}  pruned candidates {summary['pruned']}  "
-        f"(<= {summary['tokens_saved_max']} tokens saved)",
-    ]
+    """A small text table of a summary from `infer_file` (or `pool_files`)."""
+    lines = []
+    if "rows" in summary:
+        lines += [
+            f"rows {summary['rows']}  run {summary['run']}  skipped {summary['skipped']}  "
+            f"k {summary['k']}  max_new_tokens {summary['max_new_tokens']}",
+            f"tokens generated {summary['tokens_generated']}  pruned candidates "
+            f"{summary['pruned']}  (<= {summary['tokens_saved_max']} tokens saved)",
+        ]
     if "graded" in summary:
         names = ["pass@1", "maj@k", "bon@k", "weighted@k", "random@k"]
         lines.append(f"graded {summary['graded']} problems")
         lines.append("  ".join(f"{n:>10s}" for n in names))
         lines.append("  ".join(f"{summary[n]:10.4f}" for n in names))
+    if summary.get("groups"):
+        lines.append("disjoint groups of N (first maximum score per group):")
+        for n, m in summary["groups"].items():
+            lines.append(
+                f"  N={n:>2s}: BoN {m['bon']:.4f}  maj {m['maj']:.4f}  random {m['random']:.4f}"
+                f"  ({m['groups']} groups per problem)"
+            )
     return "\n".join(lines)

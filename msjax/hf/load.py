@@ -238,6 +238,10 @@ def load_hf(
         for spec in head_specs(cfg):
             placer.put(spec, head.pop(spec.hf_name))
     else:
-        log.info("%s has no score_module.pt/.safetensors: SPRM head freshly initialised.", hf_dir)
+        log.warning(
+            "%s has no score_module.pt/.safetensors: the SPRM head is freshly initialised "
+            "(untrained; its scores mean nothing until it is trained).",
+            hf_dir,
+        )
         placer.init_head(cfg, seed)
     return nnx.merge(graphdef, placer.state()), cfg

@@ -56,7 +56,14 @@ class SafetensorsFolder:
 
     def _open(self, fname: str):
         if fname not in self._handles:
-            self._handles[fname] = safe_open(str(self.dir / fname), framework="np")
+            path = self.dir / fname
+            try:
+                self._handles[fname] = safe_open(str(path), framework="np")
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise ValueError(
+                    f"cannot read the weights file {path} ({e}); it is truncated or not a "
+                    "safetensors file: download or copy it again"
+                ) from e
         return self._handles[fname]
 
     def _check_index_matches_files(self) -> None:
@@ -85,7 +92,14 @@ class SafetensorsFolder:
 
     def get(self, name: str) -> np.ndarray:
         """Reads one tensor into host memory (bfloat16 as an ml_dtypes numpy array)."""
-        return self._open(self._file_of[name]).get_tensor(name)
+        fname = self._file_of[name]
+        try:
+            return self._open(fname).get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - safetensors / OS errors on a damaged file
+            raise ValueError(
+                f"cannot read tensor {name} from {self.dir / fname} ({e}); download or copy the "
+                "file again"
+            ) from e
 
     def close(self) -> None:
         """Drops the open file handles."""

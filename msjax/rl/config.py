@@ -62,7 +62,12 @@ def default_config() -> ml_collections.ConfigDict:
             name="synthetic_steps/default",
             data_dir="",  # "" = <workdir>/data
             split="train",
-            template="r1",
+            # Data files (.parquet / .jsonl / .json, comma-separated) built into local_math on
+            # first use; they replace `name` and form the "train" split.
+            files="",
+            # chat | none | r1 | plain (msjax.templates); "" = its default rule: chat when the
+            # tokenizer has a chat template, else r1 (prompt rows: none).
+            template="",
             suffix="Let's think step by step and output the final answer within \\boxed{}.",
             max_prompt_len=1024,
             shuffle=True,
@@ -200,6 +205,13 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int = 1) -> None:
         raise ValueError(
             f"config.rollout.max_rows_per_call={r.max_rows_per_call!r} must be 0 (all rows in one "
             f"call) or a positive multiple of rollout.group_size={r.group_size}."
+        )
+    from msjax.templates import TEMPLATE_NAMES
+
+    if c.data.template not in ("", *TEMPLATE_NAMES):
+        raise ValueError(
+            f"config.data.template={c.data.template!r}; choose one of {TEMPLATE_NAMES} or '' "
+            "(msjax.templates' default rule)."
         )
     if r.temperature < 0 or not 0 < r.top_p <= 1 or r.top_k < 0:
         raise ValueError("config.rollout: need temperature >= 0, 0 < top_p <= 1, top_k >= 0.")

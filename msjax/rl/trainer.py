@@ -40,6 +40,7 @@ from jax.experimental import multihost_utils
 from msjax import checkpoint as ckpt
 from msjax import sharding as sh
 from msjax.data import build_synthetic_steps, build_synthetic_tokenizer, load_source
+from msjax.data.local_math import build_local_math, files_config_name
 from msjax.data.pipeline import PromptPipeline
 from msjax.generate.config import FINISH_REASONS, SamplerConfig
 from msjax.generate.sampler import Sampler, SampleResult
@@ -227,7 +228,15 @@ class Trainer:
             from msjax import distributed
 
             distributed.sync("synthetic_data_built")
-        source = load_source(d.name, d.split, data_dir)
+        name = d.name
+        if d.files:
+            name = f"local_math/{files_config_name(d.files)}"
+            if jax.process_index() == 0:
+                build_local_math(None, data_dir, files=d.files, overwrite=True, verbose=False)
+            from msjax import distributed
+
+            distributed.sync("local_math_built")
+        source = load_source(name, d.split, data_dir)
         return PromptPipeline(
             source,
             self.tokenizer,

@@ -16,11 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 from tiny_hf import build_hf  # noqa: E402
 
 from msjax.cli import infer as infer_cli  # noqa: E402
-from msjax.generate.infer import InferOptions, infer_file  # noqa: E402
+from msjax.generate.infer import InferOptions, infer_file, summary_table  # noqa: E402
 from msjax.generate.tts import best_of_n  # noqa: E402
 from msjax.hf import load_hf  # noqa: E402
 from msjax.rewards.math import extract_boxed  # noqa: E402
 from msjax.scoring import score_texts  # noqa: E402
+from msjax.tokenizer import MATH_SUFFIX  # noqa: E402
 from msjax.tokenizer import Tokenizer as MsTokenizer  # noqa: E402
 
 SPECIAL = ["<pad>", "<eos>", "<think>", "</think>", ".\n\n"]
@@ -81,14 +82,16 @@ def test_cli_rows_errors_summary(setup, tmp_path, capsys):
     assert [r["line"] for r in got] == [1, 2, 3, 5, 6, 7, 8, 9]  # blank line 4 ignored
     errors = {r["line"]: r["error"] for r in got if "error" in r}
     assert set(errors) == {2, 5, 6, 7}
-    assert "not valid JSON" in errors[2] and "'prompt' is empty" in errors[5]
-    assert "needs 'prompt' or 'problem'" in errors[6] and "exceeds the model's limit" in errors[7]
+    assert "not valid JSON" in errors[2] and "empty_problem" in errors[5]
+    assert "empty_problem" in errors[6] and "exceeds the model's limit" in errors[7]
     assert all(errors[n].startswith(f"line {n}: ") for n in errors)
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]
 
     golds = {1: "1", 3: "2", 8: "2", 9: None}
     table = {"correct": [], "scores": [], "answers": []}
     for row in (r for r in got if "error" not in r):
+        assert row["gold"] == golds[row["line"]]
+        assert row["prompt"].endswith("\n<think>\n")  # every row in the "plain" template
         cands = row["candidates"]
         assert len(cands) == 4
         scores = [c["score"] for c in cands]
@@ -118,7 +121,18 @@ def test_cli_rows_errors_summary(setup, tmp_path, capsys):
     assert "pass@1" in printed and "maj@k" in printed and "bon@k" in printed
     assert "rows 8  run 4  skipped 4  k 4" in printed
     pass1 = np.mean(table["correct"])
-    assert f"{pass1:10.4f}" in printed.splitlines()[-2]
+    lines = printed.splitlines()
+    assert (
+        f"{pass1:10.4f}"
+        in lines[lines.index("disjoint groups of N (first maximum score per group):") - 1]
+    )
+    # BoN over the 2 disjoint groups of 2 of each problem: the first maximum of each group.
+    groups = [
+        c[g : g + 2][int(np.argmax(s[g : g + 2]))]
+        for c, s in zip(table["correct"], table["scores"], strict=True)
+        for g in (0, 2)
+    ]
+    assert f"N= 2: BoN {np.mean(groups):.4f}" in printed
 
 
 def test_streamed_scores_equal_msjax_score(setup, tmp_path):
@@ -212,3 +226,218 @@ def test_failure_leaves_no_output(setup, tmp_path):
     with pytest.raises(RuntimeError, match="verifier down"):
         infer_file(model, cfg, tok, src, out, options, progress=False, verifier=Broken())
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+# ------------------------------------------------------------ the original's files and settings
+
+CHAT = (
+    "{% for m in messages %}{% if m['content'] == 'boom' %}{{ raise_exception('no boom') }}"
+    "{% endif %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<think> {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_model(setup, tmp_path_factory):
+    """The setup folder with a chat template in its tokenizer_config.json."""
+    import shutil
+
+    path = Path(shutil.copytree(setup[0], tmp_path_factory.mktemp("chat") / "m"))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT}))
+    return path
+
+
+def test_original_files_chat_template_gold_and_row_errors(setup, chat_model, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    import msjax.rewards
+
+    # The C-Eval letter rule (REFERENCE 9), restated for this test.
+    def letter(text, gold):
+        import re
+
+        found = re.search(r"(?i)(?:答案|answer)\s*[:：]\s*([A-Da-d])", text)
+        return float(bool(found) and found.group(1).upper() == gold)
+
+    monkeypatch.setattr(msjax.rewards, "ceval_reward", letter, raising=False)
+    chats = [
+        [{"role": "user", "content": "a b c"}],
+        [{"role": "narrator", "content": "a"}],
+        [{"role": "user", "content": "boom"}],
+        [{"role": "system", "content": "d"}, {"role": "user", "content": "e f"}],
+    ]
+    table = pa.table(
+        {
+            "data_source": ["aime"] * 4,
+            "prompt": chats,
+            "ability": ["math"] * 4,
+            "reward_model": [{"style": "rule", "ground_truth": {"target": t}} for t in "1212"],
+            "extra_info": [{"index": i, "split": "test"} for i in range(4)],
+        }
+    )
+    pq.write_table(table, tmp_path / "verl.parquet")
+    jsonl = tmp_path / "aime.jsonl"
+    jsonl.write_bytes(
+        json.dumps({"prompt": "g h\nPlease reason.", "answer": "2"}).encode()
+        + b'\n{"prompt": "\xff", "answer": "1"}\n'
+        + json.dumps({"problem": "i j", "answer": 1}).encode()
+        + b"\n"
+    )
+    (tmp_path / "ceval.json").write_text(json.dumps([{"model_input": "k l", "answer": "B"}]))
+    reference = AutoTokenizer.from_pretrained(chat_model)
+    render = lambda messages: reference.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    argv = ["--k=4", "--temperature=1.0", "--top_p=1.0", "--max_new_tokens=24", "--batch_size=3"]
+    expected = {
+        "verl.parquet": [
+            (render(chats[0]), "1", None),
+            (None, None, "line 2: bad_chat: chat message 0 has the unknown role 'narrator'"),
+            (None, "1", "line 3: the chat template of"),
+            (render(chats[3]), "2", None),
+        ],
+        "aime.jsonl": [
+            (render([{"role": "user", "content": "g h\nPlease reason."}]), "2", None),
+            (None, None, "line 2: invalid_utf8"),
+            (render([{"role": "user", "content": "i j " + MATH_SUFFIX}]), "1", None),
+        ],
+        "ceval.json": [(render([{"role": "user", "content": "k l"}]), "B", None)],
+    }
+    for name, want in expected.items():
+        out = tmp_path / f"{name}.out.jsonl"
+        _run([f"--model={chat_model}", f"--input={tmp_path / name}", f"--output={out}", *argv])
+        got = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(got) == len(want), name
+        for row, (prompt, gold, error) in zip(got, want, strict=True):
+            assert row["gold"] == gold
+            if error is None:
+                assert row["prompt"] == prompt and "error" not in row
+                assert all(c["correct"] is not None for c in row["candidates"])
+            else:
+                assert row["error"].startswith(error) and row["candidates"] == []
+    assert (
+        "failed to render (TemplateError: no boom)"
+        in json.loads((tmp_path / "verl.parquet.out.jsonl").read_text().splitlines()[2])["error"]
+    )
+
+
+def test_bad_inputs_are_refused_before_writing(setup, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = setup[0]
+    out = tmp_path / "out.jsonl"
+    pq.write_table(pa.table({"data_source": ["a"]}), tmp_path / "cols.parquet")
+    with pytest.raises(app.UsageError, match=r"cols.parquet has no prompt column"):
+        _run([f"--model={path}", f"--input={tmp_path / 'cols.parquet'}", f"--output={out}"])
+    (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n')
+    base = [f"--input={tmp_path / 'in.jsonl'}", f"--output={out}"]
+    with pytest.raises(app.UsageError, match="tokenizer files have none"):
+        _run([f"--model={path}", *base, "--template=chat"])
+    headless = Path(shutil.copytree(path, tmp_path / "headless"))
+    (headless / "score_module.pt").unlink()
+    with pytest.raises(app.UsageError, match="no trained SPRM head"):
+        _run([f"--model={headless}", *base])
+    assert not out.exists()
+
+
+def test_official_preset_and_the_clamped_budget(setup):
+    """--preset official sets the original's settings (explicit flags win); the 32768-token
+    budget is clamped to what the model's 256 positions leave after the longest prompt."""
+    from msjax.generate.infer import OFFICIAL_PRESET, read_prompts
+
+    path, _, tok = setup
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["msjax-infer", "--preset=official"])
+    options = infer_cli.options_from_flags()
+    assert {k: getattr(options, k) for k in OFFICIAL_PRESET} == OFFICIAL_PRESET
+    assert (options.k, options.repetition_penalty, options.reward) == (16, 1.05, "official")
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["msjax-infer", "--preset=official", "--temperature=1.0", "--mode=low"])
+    options = infer_cli.options_from_flags()
+    assert (options.temperature, options.k, options.top_p) == (1.0, 2, 0.95)
+    flags.FLAGS.unparse_flags()
+
+    _, cfg = load_hf(path)
+    src = Path(path) / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["a b c", "a " * 250]))
+    rows, clamped = read_prompts(src, tok, InferOptions.official(), cfg)
+    longest = max(len(r["ids"]) for r in rows)
+    assert longest == 250 and clamped.max_new_tokens == cfg.max_position_embeddings - longest
+    rows, same = read_prompts(src, tok, InferOptions.official(clamp_max_new_tokens=False), cfg)
+    assert same.max_new_tokens == 32768 and all(
+        "exceeds the model's limit" in r["error"] for r in rows
+    )
+    src.unlink()
+
+
+def test_pooled_metric_over_runs_and_files(tmp_path):
+    """The original's metric: a problem's candidates pooled over files, cut into disjoint groups
+    of N, the FIRST maximum score chosen per group, accuracy averaged over groups."""
+    from msjax.generate.infer import pool_files
+
+    def row(prompt, cands):
+        cs = [{"correct": c, "score": s, "answer": a, "finish_reason": "eos"} for c, s, a in cands]
+        return {"prompt": prompt, "correct": cs[0]["correct"], "candidates": cs}
+
+    run1 = [
+        row("p", [(True, 0.9, "1"), (False, 0.9, "2")]),  # tie: the first maximum is chosen
+        row("q", [(False, 0.1, "3"), (True, 0.2, "4")]),
+        {"line": 3, "prompt": None, "correct": None, "candidates": [], "error": "line 3: x"},
+    ]
+    run2 = [
+        row("p", [(False, 0.5, "2"), (True, 0.4, "1")]),
+        row("q", [(True, 0.3, "4"), (True, 0.3, "4")]),
+    ]
+    paths = []
+    for i, rows in enumerate((run1, run2)):
+        paths.append(tmp_path / f"run{i}.jsonl")
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pooled = pool_files(paths)
+    assert pooled["problems"] == 2 and set(pooled["groups"]) == {"2"}
+    # groups of 2: p -> [T,F] picks T, [F,T] picks F; q -> [F,T] picks T, [T,T] picks T.
+    assert pooled["groups"]["2"]["bon"] == pytest.approx(3 / 4)
+    assert pooled["groups"]["2"]["groups"] == 2
+    assert pooled["groups"]["2"]["random"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 2 + 1) / 4)
+    printed = summary_table(pooled)
+    assert "N= 2: BoN 0.7500" in printed
+    (tmp_path / "bad.jsonl").write_text('{"x": 1}\n')
+    with pytest.raises(app.UsageError, match="bad.jsonl line 1 is not an msjax-infer output"):
+        _run([f"--pool={paths[0]},{tmp_path / 'bad.jsonl'}"])
+
+
+def test_eval_script_reads_the_original_files(chat_model, tmp_path):
+    """experiments/eval.py on a verl parquet with the checkpoint's chat template: the modes'
+    report, and an untrained head refused."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from experiments.eval import evaluate
+
+    chats = [[{"role": "user", "content": f"{w} b"}] for w in "acd"]
+    truth = [{"style": "rule", "ground_truth": t} for t in "123"]  # ground truth as a string
+    pq.write_table(pa.table({"prompt": chats, "reward_model": truth}), tmp_path / "d.parquet")
+    settings = dict(max_new_tokens=24, temperature=1.0, top_p=1.0, batch_size=3)
+    report = evaluate(
+        str(chat_model), tmp_path / "d.parquet", tmp_path / "r.json", k_max=4, progress=False,
+        **settings,
+    )  # fmt: skip
+    assert report["problems"] == 3 and report["skipped"] == 0 and report["modes"] == {"low": 2}
+    rows = [json.loads(x) for x in (tmp_path / "r.candidates.jsonl").read_text().splitlines()]
+    assert [r["gold"] for r in rows] == ["1", "2", "3"]
+    assert all(r["prompt"] == f"<|user|> {w} b <think> " for r, w in zip(rows, "acd"))
+    headless = Path(shutil.copytree(chat_model, tmp_path / "headless"))
+    (headless / "score_module.pt").unlink()
+    with pytest.raises(ValueError, match="no trained SPRM head"):
+        evaluate(str(headless), tmp_path / "d.parquet", tmp_path / "r2.json", k_max=4, **settings)
+    evaluate(
+        str(headless), tmp_path / "d.parquet", tmp_path / "r2.json", k_max=4, progress=False,
+        allow_untrained_head=True, **settings,
+    )  # fmt: skip

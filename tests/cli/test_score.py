@@ -154,22 +154,24 @@ def test_cli_rows_malformed_rows_and_atomic_output(setup, tmp_path):
         json.dumps({"text": 3}),
         json.dumps([1, 2]),
         json.dumps({"text": TEXTS[4]}),
+        '{"text": "\xff not UTF-8"}',
     ]
     src = tmp_path / "in.jsonl"
-    src.write_text("\n".join(rows) + "\n")
+    src.write_bytes("\n".join(rows).replace("\xff", "@").encode().replace(b"@", b"\xff") + b"\n")
     out = tmp_path / "out.jsonl"
     _run(["--model", str(path), "--input", str(src), "--output", str(out), "--batch_size", "2"])
     got = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(got) == 7  # one per non-blank input line
+    assert len(got) == 8  # one per non-blank input line
     expected = score_texts(model, tok, [TEXTS[0], TEXTS[4]])
     for i, ref in ((0, expected[0]), (2, expected[0]), (6, expected[1])):
         assert set(got[i]) == {"value", "step_scores", "step_positions"}
         assert got[i]["step_positions"] == ref["step_positions"]
         assert got[i]["value"] == pytest.approx(ref["value"], abs=1e-6)
-    for i, line in ((1, 2), (3, 5), (4, 6), (5, 7)):
+    for i, line in ((1, 2), (3, 5), (4, 6), (5, 7), (7, 9)):
         assert got[i]["value"] is None and got[i]["step_scores"] is None
         assert got[i]["error"].startswith(f"line {line}: ")
     assert "not valid JSON" in got[1]["error"] and "'text' must be a string" in got[4]["error"]
+    assert "not UTF-8" in got[7]["error"]  # a counted skip; the rest of the file was scored
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]
 
 
@@ -199,3 +201,49 @@ def test_console_script_end_to_end(setup, tmp_path):
     ref = score_texts(setup[4], setup[3], [TEXTS[3]])[0]
     assert row["step_positions"] == ref["step_positions"] and row["step_positions"] == [1, 4]
     assert row["value"] == pytest.approx(ref["value"], abs=1e-6)
+
+
+def test_untrained_head_is_refused_unless_allowed(setup, tmp_path, caplog):
+    """A folder without score_module.pt, and an msjax checkpoint imported from one (msjax.json
+    records head "fresh"), are refused; --allow_untrained_head runs them."""
+    import shutil
+
+    from absl import app
+
+    from msjax import checkpoint
+
+    headless = Path(shutil.copytree(setup[0], tmp_path / "headless"))
+    (headless / "score_module.pt").unlink()
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+    argv = ["--input", str(src), "--output", str(out)]
+    with pytest.raises(app.UsageError, match="no trained SPRM head.*--allow_untrained_head"):
+        _run(["--model", str(headless), *argv])
+    assert not out.exists()
+    _run(["--model", str(headless), *argv, "--allow_untrained_head"])
+    assert json.loads(out.read_text())["value"] is not None
+
+    assert checkpoint.head_origin(setup[0]) == "imported"
+    ckpt = tmp_path / "ckpt"
+    with caplog.at_level("WARNING"):
+        checkpoint.import_hf(headless, ckpt)
+        assert checkpoint.head_origin(ckpt) == "fresh"
+        checkpoint.load_any(ckpt)  # as the trainer loads its start policy
+    assert "freshly initialised" in caplog.text and "training starts it from scratch" in caplog.text
+    with pytest.raises(ValueError, match="no trained SPRM head"):
+        checkpoint.require_trained_head(ckpt)
+    assert checkpoint.require_trained_head(ckpt, allow_untrained=True) == "fresh"
+    checkpoint.export_hf(ckpt, tmp_path / "exported")  # the policy only: still head-less
+    assert checkpoint.head_origin(tmp_path / "exported") == "fresh"
+
+
+def test_lang_zh_selects_the_chinese_step_mode(setup, tmp_path, monkeypatch):
+    seen = []
+    real = Tokenizer.from_dir
+    monkeypatch.setattr(
+        score_cli.Tokenizer, "from_dir", lambda path, **kw: seen.append(kw) or real(path, **kw)
+    )
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+    _run(["--model", str(setup[0]), "--input", str(src), "--output", str(out), "--lang", "zh"])
+    assert seen == [{"step_mode": "chinese"}] and out.exists()

@@ -201,7 +201,7 @@ def test_bad_arguments(tok):
     src = _records(8)
     with pytest.raises(ValueError, match="batch_size"):
         _prompts(src, tok, batch_size=0)
-    with pytest.raises(ValueError, match="unknown prompt template"):
+    with pytest.raises(ValueError, match="unknown template"):
         _prompts(src, tok, template="chatml")
     with pytest.raises(ValueError, match="shard_index"):
         _prompts(src, tok, shard_index=2, shard_count=2)

@@ -192,6 +192,16 @@ def test_error_no_safetensors(hf, tmp_path):
         load_hf(path)
 
 
+def test_error_truncated_weights_file_is_named(hf, tmp_path):
+    path = _copy(hf[0], tmp_path / "m")
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    for size in (50, len(data) - 100):  # cut inside the header, then inside the tensor data
+        weights.write_bytes(data[:size])
+        with pytest.raises(ValueError, match=r"weights file .*m/model\.safetensors .*truncated"):
+            load_hf(path)
+
+
 def test_error_index_names_a_missing_file(hf, tmp_path):
     path = _copy(hf[0], tmp_path / "m")
     index = {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
