@@ -64,7 +64,8 @@ def within_problem_auroc(scores, correct) -> tuple[float, int]:
 @dataclasses.dataclass
 class PooledProblem:
     """One problem's candidates from every run: key (its prompt), gold answer, and per candidate
-    in run order: correct (bool) and score (the SPRM trajectory score)."""
+    in run order: correct (bool) and score (the SPRM trajectory score; -inf for a candidate that
+    must not be chosen while its group has another, e.g. a pruned one)."""
 
     key: str
     gold: str
@@ -106,7 +107,8 @@ def pooled_best_of_n(problems: Sequence[PooledProblem], n: int) -> dict[str, Any
     K = (fewest candidates of any problem) // n disjoint groups; group i takes candidates
     [i*n, (i+1)*n) of every problem and picks, per problem, the FIRST highest score; a group's
     accuracy is the fraction of problems whose pick is correct; the result is the mean over the
-    K groups. Returns {"accuracy", "n", "groups": K, "problems", "per_group": [K accuracies]}.
+    K groups. A score of -inf is never picked while its group has a finite one.
+    Returns {"accuracy", "n", "groups": K, "problems", "per_group": [K accuracies]}.
     """
     if not problems:
         raise ValueError("pooled_best_of_n: no problems.")
@@ -120,8 +122,8 @@ def pooled_best_of_n(problems: Sequence[PooledProblem], n: int) -> dict[str, Any
             f"n={n}; run more samples (or more runs) of it."
         )
     for p in problems:
-        if not np.all(np.isfinite(p.scores)):
-            raise ValueError(f"problem {p.key[:80]!r} has a non-finite score.")
+        if np.any(np.isnan(p.scores) | np.isposinf(p.scores)):
+            raise ValueError(f"problem {p.key[:80]!r} has a NaN or +inf score.")
     per_group = []
     for g in range(groups):
         picks = [p.correct[g * n + tts.best_of_n(p.scores[g * n : (g + 1) * n])] for p in problems]
@@ -173,13 +175,14 @@ def sample_candidates(
     key: jax.Array,
     batch_size: int = 64,
     problems: Sequence[str] | None = None,
-    grade: Callable[[str, str], float] = math_reward,
+    grade: Callable[..., float] = math_reward,
     progress: bool = False,
 ) -> Candidates:
     """k candidates per prompt from `sampler` (its config decides temperature, pruning, ...),
-    graded against `golds` with `grade(response, gold) -> reward` (correct when > 0.5; pruned
-    candidates count as wrong). Prompt p gets randomness id p, so the result does not depend on
-    batch_size and two samplers that differ only in pruning draw the same tokens."""
+    graded against `golds` with `grade(response, gold, prompt=prompt text) -> reward` (correct
+    when > 0.5; pruned candidates count as wrong; the prompt says whether it opened a think
+    span, as `math_reward` reads it). Prompt p gets randomness id p, so the result does not
+    depend on batch_size and two samplers that differ only in pruning draw the same tokens."""
     prompts = [list(p) for p in prompts]
     if len(prompts) != len(golds):
         raise ValueError(f"{len(prompts)} prompts but {len(golds)} gold answers.")
@@ -208,10 +211,11 @@ def sample_candidates(
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    texts = [tokenizer.decode(p) for p in prompts]  # special tokens kept: <think> shows
     correct = np.asarray(
         [
-            [not c.pruned and grade(c.response, str(g)) > 0.5 for c in ch.candidates]
-            for ch, g in zip(choices, golds, strict=True)
+            [not c.pruned and grade(c.response, str(g), prompt=t) > 0.5 for c in ch.candidates]
+            for ch, g, t in zip(choices, golds, texts, strict=True)
         ],
         bool,
     )

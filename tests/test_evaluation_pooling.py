@@ -93,5 +93,14 @@ def test_bad_pools_are_refused():
         pooled_best_of_n(pooled, 2)
     with pytest.raises(ValueError, match="no problems"):
         pooled_best_of_n([], 2)
-    with pytest.raises(ValueError, match="non-finite"):
-        pooled_best_of_n(pool_candidates([("q", "1", [True], [float("nan")])]), 1)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"NaN or \+inf"):
+            pooled_best_of_n(pool_candidates([("q", "1", [True], [bad])]), 1)
+
+
+def test_minus_infinity_is_never_chosen_while_its_group_has_another():
+    """-inf marks a candidate that may not be chosen (a pruned one); a group of only such
+    candidates picks its first (wrong when it is)."""
+    inf = float("inf")
+    pooled = pool_candidates([("q", "1", [False, True, False, False], [-inf, 0.1, -inf, -inf])])
+    assert pooled_best_of_n(pooled, 2)["per_group"] == [1.0, 0.0]

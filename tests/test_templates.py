@@ -3,31 +3,20 @@
 templates, the default rule and clear errors."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 from tokenizers import AddedToken, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 from transformers import AutoTokenizer
 
-from msjax.templates import ChatTemplate, render_prompt
-from msjax.tokenizer import MATH_SUFFIX, Tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent / "hf"))
+from tiny_hf import R1_TEMPLATE  # noqa: E402
 
-# DeepSeek-R1-Distill style: BOS, the system prompt first, <｜User｜> / <｜Assistant｜> turns, the
-# reasoning of earlier assistant turns dropped, the generation prompt ending with "<think>\n".
-R1_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
-    "{% endif %}{% set ns = namespace(system_prompt='') %}"
-    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
-    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
-    "{{ bos_token }}{{ ns.system_prompt }}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
-    "{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}"
-    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
-    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}"
-    "{%- endfor -%}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
-)
+from msjax.templates import ChatTemplate, render_prompt  # noqa: E402
+from msjax.tokenizer import MATH_SUFFIX, Tokenizer  # noqa: E402
+
 # QwQ / ChatML style, with trim_blocks-sensitive line breaks inside the blocks.
 CHATML_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
     {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}

@@ -14,7 +14,10 @@ without a gold answer. A row that cannot be run (bad JSON, not UTF-8, no prompt,
 with an unknown role, a prompt too long for the model, a template that fails on it) gives nulls
 and an "error" naming the line, and is counted as skipped; a file that cannot hold rows at all is
 a ValueError before anything is written. The output is written to a temporary file next to
-OUTPUT and renamed when complete.
+OUTPUT and renamed when complete. Grading: math rows by the training reward of
+`InferOptions.reward` / `manager` (`msjax.rewards.outcome.OutcomeReward`, which hands each rule
+the prompt and response as the original's reward managers do), C-Eval rows (`model_input` + a
+letter) by the letter rule on the rendered prompt + response (`msjax.rewards.ceval_reward`).
 
 Sample j of the prompt on input line l is drawn with id (l * k + j), so results do not depend on
 --batch_size. The summary's disjoint-group metrics (`pooled_metrics`) follow the original's
@@ -24,10 +27,10 @@ maximum score chosen per group, accuracy averaged over groups.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -36,6 +39,7 @@ from typing import Any
 
 import jax
 
+from msjax.evaluation import pool_candidates, pooled_best_of_n
 from msjax.generate.config import SamplerConfig
 from msjax.generate.pruning import PruneRule
 from msjax.generate.sampler import Sampler
@@ -50,12 +54,13 @@ from msjax.generate.tts import (
     token_stats,
     weighted_at_k,
 )
+from msjax.rewards import MANAGERS, REWARDS, ceval_reward
+from msjax.rewards.outcome import OutcomeReward
 from msjax.tokenizer import MATH_SUFFIX
 
 log = logging.getLogger(__name__)
 
 _NULL_ROW = {"response": None, "score": None, "answer": None, "correct": None, "candidates": []}
-REWARDS = ("math", "official")
 GROUP_SIZES = (2, 8, 32)  # the low / medium / high modes
 # The original's test-time settings (REFERENCE section 5), `--preset official`.
 OFFICIAL_PRESET = dict(
@@ -120,6 +125,8 @@ class InferOptions:
             raise ValueError(f"template={self.template!r}; choose one of {TEMPLATE_NAMES}.")
         if self.reward not in REWARDS:
             raise ValueError(f"reward={self.reward!r}; choose one of {REWARDS}.")
+        if self.manager not in MANAGERS:
+            raise ValueError(f"manager={self.manager!r}; choose one of {MANAGERS}.")
 
     @classmethod
     def official(cls, **changes: Any) -> InferOptions:
@@ -169,37 +176,12 @@ def _candidate_row(c, correct: bool | None) -> dict[str, Any]:
     }
 
 
-def _make_verifier(options: InferOptions):
-    from msjax.rewards.math import MathVerifier
-
-    if options.reward == "math":
-        return MathVerifier()
-    try:
-        return MathVerifier(reward=options.reward, manager=options.manager)
-    except TypeError as e:  # a MathVerifier without the official rule
-        raise ValueError(
-            "reward 'official' needs msjax.rewards' official rule (MathVerifier(reward="
-            "'official')), which this msjax does not have; use --reward math"
-        ) from e
-
-
-def _ceval_reward():
-    """`msjax.rewards.ceval_reward(text, gold) -> float`, the C-Eval letter rule."""
-    try:
-        from msjax.rewards import ceval_reward
-    except ImportError as e:
-        raise ValueError(
-            "C-Eval rows (model_input + letter answer) are graded by "
-            "msjax.rewards.ceval_reward, which this msjax does not have"
-        ) from e
-    return ceval_reward
-
-
-def _grade(chunk, choices: list[Choice], verifier, options, tokenizer) -> list[list | None]:
+def _grade(chunk, choices: list[Choice], reward) -> list[list | None]:
     """Per prompt: correctness of each candidate (None for a pruned one), or None without gold.
 
-    "official" grades the rendered prompt + the response decoded with its special tokens (what
-    the original's reward receives); C-Eval rows use the letter rule."""
+    Math rows: `reward(prompt ids, response ids, golds)`, the training reward
+    (`msjax.rewards.outcome.OutcomeReward`: each rule reads the prompt and response as it does in
+    training). C-Eval rows: the letter rule on the rendered prompt + response."""
     out: list[list | None] = [
         None if r["gold"] is None else [None] * len(ch.candidates)
         for r, ch in zip(chunk, choices, strict=True)
@@ -211,23 +193,20 @@ def _grade(chunk, choices: list[Choice], verifier, options, tokenizer) -> list[l
         for i, c in enumerate(ch.candidates)
         if not c.pruned
     ]
-    official = options.reward == "official"
-
-    def text(p, i):
-        c = choices[p].candidates[i]
-        return tokenizer.decode(c.tokens) if official else c.response
-
-    ceval = [(p, i) for p, i in todo if chunk[p]["task"] == "ceval"]
-    math = [(p, i) for p, i in todo if chunk[p]["task"] != "ceval"]
-    if ceval:
-        reward = _ceval_reward()
-        for p, i in ceval:
-            out[p][i] = bool(reward(chunk[p]["prompt"] + text(p, i), chunk[p]["gold"]) > 0.5)
-    if math:
-        args = [[text(p, i) for p, i in math], [chunk[p]["gold"] for p, _ in math]]
-        if official:
-            args.append([chunk[p]["prompt"] for p, _ in math])
-        for (p, i), r in zip(math, verifier.verify_batch(*args), strict=True):
+    graded = []
+    for p, i in todo:
+        if chunk[p]["task"] == "ceval":
+            text = chunk[p]["prompt"] + choices[p].candidates[i].response
+            out[p][i] = ceval_reward(text, chunk[p]["gold"]) > 0.5
+        else:
+            graded.append((p, i))
+    if graded:
+        rewards = reward(
+            [chunk[p]["ids"] for p, _ in graded],
+            [choices[p].candidates[i].tokens for p, i in graded],
+            [chunk[p]["gold"] for p, _ in graded],
+        )
+        for (p, i), r in zip(graded, rewards, strict=True):
             out[p][i] = bool(r > 0.5)
     return out
 
@@ -242,7 +221,7 @@ def infer_file(
     *,
     mesh=None,
     progress: bool = True,
-    verifier=None,
+    reward=None,
 ) -> dict[str, Any]:
     """Runs test-time scaling over a data file (see the module docstring).
 
@@ -250,9 +229,10 @@ def infer_file(
       model: a ReflectiveModel (its current state is used); cfg: its ModelConfig.
       tokenizer: an msjax.tokenizer.Tokenizer. options: InferOptions. mesh: optional mesh the
         model is sharded on.
-      progress: show a tqdm bar. verifier: an object with verify_batch(responses, golds[,
-        prompts]) -> rewards; default: a msjax.rewards.math.MathVerifier for options.reward,
-        started only if answers exist.
+      progress: show a tqdm bar. reward: a callable (prompt ids, response ids, golds) ->
+        rewards f32[rows] grading the math rows; default: the training reward
+        `msjax.rewards.outcome.OutcomeReward` of options.reward / options.manager, started only
+        if a math row has a gold answer.
     Returns a summary dict: rows, run, skipped, k, max_new_tokens, tokens_generated, pruned,
     tokens_saved_max, and with gold answers: graded, pass@1, maj@k, bon@k, weighted@k, random@k
     (over the candidates that were not pruned) and "groups" (`pooled_metrics`).
@@ -263,9 +243,9 @@ def infer_file(
     rows, options = read_prompts(input_path, tokenizer, options, cfg)
     sampler = build_sampler(model, cfg, tokenizer, options, mesh)
     todo = [r for r in rows if "error" not in r]
-    own_verifier = None
-    if verifier is None and any(r["gold"] is not None and r["task"] != "ceval" for r in todo):
-        verifier = own_verifier = _make_verifier(options)
+    own_reward = None
+    if reward is None and any(r["gold"] is not None and r["task"] != "ceval" for r in todo):
+        reward = own_reward = OutcomeReward(tokenizer, options.reward, options.manager)
     graded: list[dict[str, Any]] = []
     totals = {"tokens_generated": 0, "pruned": 0, "tokens_saved_max": 0}
 
@@ -292,7 +272,7 @@ def infer_file(
                 )[: len(chunk)]
                 for name, value in token_stats(choices, options.max_new_tokens).items():
                     totals[name] += value
-                flags = _grade(chunk, choices, verifier, options, tokenizer)
+                flags = _grade(chunk, choices, reward)
                 for r, choice, fl in zip(chunk, choices, flags, strict=True):
                     out = _output_row(r, choice, fl)
                     if fl is not None:
@@ -319,8 +299,8 @@ def infer_file(
         Path(tmp).unlink(missing_ok=True)
         raise
     finally:
-        if own_verifier is not None:
-            own_verifier.close()
+        if own_reward is not None:
+            own_reward.close()
     summary: dict[str, Any] = {
         "rows": len(rows),
         "run": len(todo),
@@ -342,9 +322,12 @@ def infer_file(
                 "bon@k": bon_at_k(c, s),
                 "weighted@k": weighted_at_k(c, a, s),
                 "random@k": random_at_k(c),
-                "groups": pooled_metrics(graded),
             }
         )
+        try:
+            summary["groups"] = pooled_metrics(graded)
+        except ValueError as e:  # one prompt with two gold answers: no pooled metric
+            log.warning("%s: no disjoint-group metric: %s", input_path, e)
     return summary
 
 
@@ -425,35 +408,26 @@ def _output_row(row: dict[str, Any], choice: Choice, flags: list | None) -> dict
 def pooled_metrics(
     rows: Sequence[dict[str, Any]], sizes: Sequence[int] = GROUP_SIZES
 ) -> dict[str, dict[str, float]]:
-    """The original's metric over graded output rows (of one or several runs / files).
-
-    Candidates of the same problem (same "prompt") are pooled in the order given; for each group
-    size N, K = (fewest candidates of any problem) // N disjoint groups of N are cut from every
-    problem, the FIRST maximum score of each group is chosen (pruned candidates never are) and
-    accuracy is averaged over groups and problems (`msjax.evaluation.scaling_metrics`, which
-    also gives the majority vote and a random pick). Returns {str(N): {"bon", "maj", "random",
-    "groups": K}} for the N with K >= 1.
-    """
-    from msjax.evaluation import scaling_metrics
-
-    pooled: dict[str, list[dict]] = collections.defaultdict(list)
-    for r in rows:
-        if r.get("correct") is not None:
-            pooled[r["prompt"]].extend(r["candidates"])
-    fewest = min((len(c) for c in pooled.values()), default=0)
+    """The original's metric over graded output rows (of one or several runs / files):
+    `msjax.evaluation.pool_candidates` by "prompt", then `pooled_best_of_n` for each group size
+    N that every problem has candidates for (a pruned candidate is never chosen while its group
+    has another). Returns {str(N): {"bon": accuracy, "groups": K}}; ValueError naming the
+    problem when one prompt has two gold answers."""
+    problems = pool_candidates(
+        (
+            r["prompt"],
+            r.get("gold"),
+            [bool(c["correct"]) for c in r["candidates"]],
+            [-math.inf if c["finish_reason"] == "pruned" else c["score"] for c in r["candidates"]],
+        )
+        for r in rows
+        if r.get("correct") is not None
+    )
+    fewest = min((len(p.scores) for p in problems), default=0)
     out = {}
     for n in (n for n in sizes if n <= fewest):
-        groups = fewest // n
-        problems = [cands[: groups * n] for cands in pooled.values()]
-        m = scaling_metrics(
-            [[bool(c["correct"]) for c in p] for p in problems],
-            [[c["score"] for c in p] for p in problems],
-            [[c["answer"] for c in p] for p in problems],
-            [n],
-            eligible=[[c["finish_reason"] != "pruned" for c in p] for p in problems],
-        )
-        out[str(n)] = {name: m[name][str(n)] for name in ("bon", "maj", "random")}
-        out[str(n)]["groups"] = groups
+        m = pooled_best_of_n(problems, n)
+        out[str(n)] = {"bon": m["accuracy"], "groups": m["groups"]}
     return out
 
 
@@ -493,8 +467,5 @@ def summary_table(summary: dict[str, Any]) -> str:
     if summary.get("groups"):
         lines.append("disjoint groups of N (first maximum score per group):")
         for n, m in summary["groups"].items():
-            lines.append(
-                f"  N={n:>2s}: BoN {m['bon']:.4f}  maj {m['maj']:.4f}  random {m['random']:.4f}"
-                f"  ({m['groups']} groups per problem)"
-            )
+            lines.append(f"  N={n:>2s}: BoN {m['bon']:.4f}  ({m['groups']} groups per problem)")
     return "\n".join(lines)

@@ -71,6 +71,21 @@ ROWS = [
 ]
 
 
+def math_rule(response, gold):
+    """The math reward restated for this vocabulary after a "plain" prompt (which opens a think
+    span): only the text after the last "</think>" counts; the answer is the last run of boxes
+    that only spaces join, read as a set of values."""
+    if "</think>" not in response:
+        return False
+    run = []
+    for word in reversed(response.rsplit("</think>", 1)[1].split()):
+        if word in BOXED:
+            run.append(word[len("\\boxed{") : -1])
+        elif run:
+            break
+    return set(run) == {gold}
+
+
 def test_cli_rows_errors_summary(setup, tmp_path, capsys):
     path, _, tok = setup
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -111,7 +126,7 @@ def test_cli_rows_errors_summary(setup, tmp_path, capsys):
         if gold is None:
             assert row["correct"] is None
             continue
-        flags_ = [c["answer"] == gold for c in cands]
+        flags_ = [math_rule(c["response"], gold) for c in cands]
         assert [c["correct"] for c in cands] == flags_ and row["correct"] == flags_[chosen]
         table["correct"].append(flags_)
         table["scores"].append(scores)
@@ -218,13 +233,12 @@ def test_failure_leaves_no_output(setup, tmp_path):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text(json.dumps({"prompt": "a b", "answer": "1"}) + "\n")
 
-    class Broken:
-        def verify_batch(self, responses, golds):
-            raise RuntimeError("verifier down")
+    def broken(prompts, responses, golds):
+        raise RuntimeError("verifier down")
 
     options = InferOptions(k=1, temperature=0.0, max_new_tokens=20, batch_size=4)  # as greedy
     with pytest.raises(RuntimeError, match="verifier down"):
-        infer_file(model, cfg, tok, src, out, options, progress=False, verifier=Broken())
+        infer_file(model, cfg, tok, src, out, options, progress=False, reward=broken)
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
 
 
@@ -248,21 +262,11 @@ def chat_model(setup, tmp_path_factory):
     return path
 
 
-def test_original_files_chat_template_gold_and_row_errors(setup, chat_model, tmp_path, monkeypatch):
+def test_original_files_chat_template_gold_and_row_errors(setup, chat_model, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    import msjax.rewards
-
-    # The C-Eval letter rule (REFERENCE 9), restated for this test.
-    def letter(text, gold):
-        import re
-
-        found = re.search(r"(?i)(?:答案|answer)\s*[:：]\s*([A-Da-d])", text)
-        return float(bool(found) and found.group(1).upper() == gold)
-
-    monkeypatch.setattr(msjax.rewards, "ceval_reward", letter, raising=False)
     chats = [
         [{"role": "user", "content": "a b c"}],
         [{"role": "narrator", "content": "a"}],
@@ -286,7 +290,9 @@ def test_original_files_chat_template_gold_and_row_errors(setup, chat_model, tmp
         + json.dumps({"problem": "i j", "answer": 1}).encode()
         + b"\n"
     )
-    (tmp_path / "ceval.json").write_text(json.dumps([{"model_input": "k l", "answer": "B"}]))
+    # C-Eval: the letter rule reads the prompt + response, so a letter in the prompt counts.
+    ceval = [{"model_input": f"k l answer: {x}", "answer": "B"} for x in "Bc"]
+    (tmp_path / "ceval.json").write_text(json.dumps(ceval))
     reference = AutoTokenizer.from_pretrained(chat_model)
     render = lambda messages: reference.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True
@@ -304,7 +310,9 @@ def test_original_files_chat_template_gold_and_row_errors(setup, chat_model, tmp
             (None, None, "line 2: invalid_utf8"),
             (render([{"role": "user", "content": "i j " + MATH_SUFFIX}]), "1", None),
         ],
-        "ceval.json": [(render([{"role": "user", "content": "k l"}]), "B", None)],
+        "ceval.json": [
+            (render([{"role": "user", "content": c["model_input"]}]), "B", None) for c in ceval
+        ],
     }
     for name, want in expected.items():
         out = tmp_path / f"{name}.out.jsonl"
@@ -318,6 +326,9 @@ def test_original_files_chat_template_gold_and_row_errors(setup, chat_model, tmp
                 assert all(c["correct"] is not None for c in row["candidates"])
             else:
                 assert row["error"].startswith(error) and row["candidates"] == []
+    ceval_out = (tmp_path / "ceval.json.out.jsonl").read_text().splitlines()
+    flags_ = [[c["correct"] for c in json.loads(r)["candidates"]] for r in ceval_out]
+    assert flags_ == [[True] * 4, [False] * 4]
     assert (
         "failed to render (TemplateError: no boom)"
         in json.loads((tmp_path / "verl.parquet.out.jsonl").read_text().splitlines()[2])["error"]
@@ -378,12 +389,16 @@ def test_official_preset_and_the_clamped_budget(setup):
 
 def test_pooled_metric_over_runs_and_files(tmp_path):
     """The original's metric: a problem's candidates pooled over files, cut into disjoint groups
-    of N, the FIRST maximum score chosen per group, accuracy averaged over groups."""
+    of N, the FIRST maximum score chosen per group (never a pruned one), accuracy averaged over
+    groups; a problem with two gold answers is refused."""
     from msjax.generate.infer import pool_files
 
-    def row(prompt, cands):
-        cs = [{"correct": c, "score": s, "answer": a, "finish_reason": "eos"} for c, s, a in cands]
-        return {"prompt": prompt, "correct": cs[0]["correct"], "candidates": cs}
+    def row(prompt, cands, gold="1"):
+        cs = [
+            {"correct": c, "score": s, "answer": a, "finish_reason": "eos" if a else "pruned"}
+            for c, s, a in cands
+        ]
+        return {"prompt": prompt, "gold": gold, "correct": bool(cs[0]["correct"]), "candidates": cs}
 
     run1 = [
         row("p", [(True, 0.9, "1"), (False, 0.9, "2")]),  # tie: the first maximum is chosen
@@ -392,7 +407,7 @@ def test_pooled_metric_over_runs_and_files(tmp_path):
     ]
     run2 = [
         row("p", [(False, 0.5, "2"), (True, 0.4, "1")]),
-        row("q", [(True, 0.3, "4"), (True, 0.3, "4")]),
+        row("q", [(None, 0.9, None), (True, 0.3, "4")]),  # pruned: not chosen
     ]
     paths = []
     for i, rows in enumerate((run1, run2)):
@@ -400,12 +415,13 @@ def test_pooled_metric_over_runs_and_files(tmp_path):
         paths[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
     pooled = pool_files(paths)
     assert pooled["problems"] == 2 and set(pooled["groups"]) == {"2"}
-    # groups of 2: p -> [T,F] picks T, [F,T] picks F; q -> [F,T] picks T, [T,T] picks T.
-    assert pooled["groups"]["2"]["bon"] == pytest.approx(3 / 4)
-    assert pooled["groups"]["2"]["groups"] == 2
-    assert pooled["groups"]["2"]["random"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 2 + 1) / 4)
+    # groups of 2: p -> [T,F] picks T, [F,T] picks F; q -> [F,T] picks T, [pruned,T] picks T.
+    assert pooled["groups"]["2"] == {"bon": pytest.approx(3 / 4), "groups": 2}
     printed = summary_table(pooled)
-    assert "N= 2: BoN 0.7500" in printed
+    assert "N= 2: BoN 0.7500  (2 groups per problem)" in printed
+    (tmp_path / "other.jsonl").write_text(json.dumps(row("q", [(True, 0.1, "4")], gold="5")))
+    with pytest.raises(app.UsageError, match="'q' has gold answer '1' in one row and '5'"):
+        _run([f"--pool={paths[0]},{tmp_path / 'other.jsonl'}"])
     (tmp_path / "bad.jsonl").write_text('{"x": 1}\n')
     with pytest.raises(app.UsageError, match="bad.jsonl line 1 is not an msjax-infer output"):
         _run([f"--pool={paths[0]},{tmp_path / 'bad.jsonl'}"])

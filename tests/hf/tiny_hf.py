@@ -19,6 +19,24 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 SPECIAL = ["<pad>", "<eos>", "<think>", "</think>", ".\n\n"]
+# DeepSeek-R1-Distill style: BOS, the system prompt first, <｜User｜> / <｜Assistant｜> turns, the
+# reasoning of earlier assistant turns dropped, the generation prompt ending with "<think>\n".
+R1_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
+    "{% endif %}{% set ns = namespace(system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}"
+    "{%- endfor -%}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+R1_SPECIAL = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"]
+R1_ADDED = ["<｜User｜>", "<｜Assistant｜>", "<think>", "</think>", ".\n\n", "\\boxed{1}"]
 WORDS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
 VOCAB = 64
 
@@ -140,3 +158,27 @@ def msjax_forward(model, tokens, positions=None, valid=None):
     graphdef, state = nnx.split(model)
     logits, penult = _forward(graphdef, state, tokens, np.asarray(positions, np.int32), valid)
     return np.asarray(logits), np.asarray(penult)
+
+
+def write_r1_tokenizer(path: Path) -> dict[str, int]:
+    """A word-level tokenizer in the DeepSeek-R1-Distill style: its BOS / EOS / pad special
+    tokens, <｜User｜>, <｜Assistant｜>, the think tags, ".\\n\\n" and "\\boxed{1}" as added
+    (non-special) tokens, lower-case words and digits, and R1_TEMPLATE as the chat template in
+    tokenizer_config.json. Returns the vocabulary."""
+    vocab = {t: i for i, t in enumerate(R1_SPECIAL + R1_ADDED + WORDS + ["[UNK]"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, normalized=False) for t in R1_SPECIAL])
+    tok.add_tokens([AddedToken(t, normalized=False) for t in R1_ADDED])
+    Path(path).mkdir(parents=True, exist_ok=True)
+    tok.save(str(Path(path) / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": R1_SPECIAL[0],
+        "eos_token": R1_SPECIAL[1],
+        "pad_token": R1_SPECIAL[2],
+        "chat_template": R1_TEMPLATE,
+    }
+    (Path(path) / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert len(vocab) <= VOCAB
+    return vocab
