@@ -392,11 +392,15 @@ def export_hf(
     """Writes step `step` (default latest) of an msjax checkpoint as a Hugging Face folder
     (see `msjax.hf.save_hf`), with the checkpoint's tokenizer files; without score_module.pt
     when the head is "fresh" (untrained), so that the folder is recognised as head-less."""
+    trained = head_origin(ckpt_dir) != "fresh"
     model, _ = load_model(ckpt_dir, step=step)
-    out = save_hf(
-        model, out_dir, dtype=dtype, shard_size=shard_size, tokenizer_dir=tokenizer_dir(ckpt_dir)
+    if not trained:
+        log.warning("%s: the SPRM head is untrained; %s holds the policy only.", ckpt_dir, out_dir)
+    return save_hf(
+        model,
+        out_dir,
+        dtype=dtype,
+        shard_size=shard_size,
+        tokenizer_dir=tokenizer_dir(ckpt_dir),
+        head=trained,
     )
-    if head_origin(ckpt_dir) == "fresh" and jax.process_index() == 0:
-        (out / "score_module.pt").unlink(missing_ok=True)
-        log.warning("%s: the SPRM head is untrained; %s holds the policy only.", ckpt_dir, out)
-    return out

@@ -121,14 +121,16 @@ def save_hf(
     shard_size: int | str = "2GB",
     tokenizer_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    head: bool = True,
 ) -> Path:
     """Writes `model` as a Hugging Face folder that transformers' AutoModelForCausalLM loads.
 
     Contents: config.json (Qwen2, `dtype` and `torch_dtype` both set), model.safetensors or
     model-0000k-of-0000N.safetensors + model.safetensors.index.json when the weights exceed
     `shard_size`, generation_config.json (copied from `tokenizer_dir` when it has one, else the
-    tokenizer's BOS/EOS), the tokenizer files of `tokenizer_dir`, and score_module.pt (float32
-    torch state dict 0.weight, 0.bias, 3.weight, 3.bias of the original nn.Sequential head).
+    tokenizer's BOS/EOS), the tokenizer files of `tokenizer_dir`, and, when `head`,
+    score_module.pt (float32 torch state dict 0.weight, 0.bias, 3.weight, 3.bias of the original
+    nn.Sequential head; head=False writes the policy only, e.g. for an untrained head).
 
     Args:
       dtype: "float32" or "bfloat16" for the backbone weights.
@@ -147,7 +149,8 @@ def save_hf(
         )
     if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir} has no tokenizer.json.")
-    require_torch()  # score_module.pt needs torch: fail before any work
+    if head:
+        require_torch()  # score_module.pt needs torch: fail before any work
     cfg = model.cfg
     bos, eos = _token_ids(tokenizer_dir)
     leaves = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
@@ -178,7 +181,8 @@ def save_hf(
             if writer:
                 save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
             del tensors
-        head = {spec.hf_name: host(spec, np.float32) for spec in head_specs(cfg)}
+        head_specs_ = head_specs(cfg) if head else []
+        head_tensors = {spec.hf_name: host(spec, np.float32) for spec in head_specs_}
         if writer:
             if n > 1:
                 _write_json(
@@ -191,7 +195,8 @@ def save_hf(
                     k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None
                 }
                 _write_json(tmp / "generation_config.json", gen)
-            write_score_module(tmp / PT_NAME, head)
+            if head:
+                write_score_module(tmp / PT_NAME, head_tensors)
             _swap_into_place(tmp, out_dir)
     except BaseException:
         if tmp is not None:

@@ -203,7 +203,7 @@ def test_console_script_end_to_end(setup, tmp_path):
     assert row["value"] == pytest.approx(ref["value"], abs=1e-6)
 
 
-def test_untrained_head_is_refused_unless_allowed(setup, tmp_path, caplog):
+def test_untrained_head_is_refused_unless_allowed(setup, tmp_path, caplog, monkeypatch):
     """A folder without score_module.pt, and an msjax checkpoint imported from one (msjax.json
     records head "fresh"), are refused; --allow_untrained_head runs them."""
     import shutil
@@ -233,8 +233,16 @@ def test_untrained_head_is_refused_unless_allowed(setup, tmp_path, caplog):
     with pytest.raises(ValueError, match="no trained SPRM head"):
         checkpoint.require_trained_head(ckpt)
     assert checkpoint.require_trained_head(ckpt, allow_untrained=True) == "fresh"
-    checkpoint.export_hf(ckpt, tmp_path / "exported")  # the policy only: still head-less
+    # The policy only, the random head never written (not even to a temporary folder).
+    import msjax.hf.export
+
+    def no_head(*args):
+        raise AssertionError("an untrained head was written")
+
+    monkeypatch.setattr(msjax.hf.export, "write_score_module", no_head)
+    checkpoint.export_hf(ckpt, tmp_path / "exported")
     assert checkpoint.head_origin(tmp_path / "exported") == "fresh"
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
 
 
 def test_lang_zh_selects_the_chinese_step_mode(setup, tmp_path, monkeypatch):
