@@ -31,53 +31,19 @@ from pathlib import Path
 
 from absl import app
 
-from msjax.cli import define_flag
-from msjax.generate.infer import OFFICIAL_PRESET, REWARDS, InferOptions
-from msjax.templates import TEMPLATE_NAMES
-from msjax.tokenizer import MATH_SUFFIX, atomic_write_text
+from msjax.cli import define_decoding_flags, define_flag, define_head_flags, options_over_preset
+from msjax.generate.infer import InferOptions
+from msjax.tokenizer import atomic_write_text
 
 MODES = {"low": 2, "medium": 8, "high": 32}
 # Shared flag names go through define_flag (one absl registry per process; see msjax.cli); the
-# definitions match msjax-infer's.
+# decoding, grading and head flags are msjax-infer's own definitions (msjax.cli).
 _MODEL = define_flag("string", "model", None, "Hugging Face folder or msjax checkpoint.")
 _INPUT = define_flag("string", "input", None, "Input .jsonl / .parquet / .json file.")
 _OUTPUT = define_flag("string", "output", None, "Where to write the report (default report.json).")
 _K_MAX = define_flag("integer", "k_max", 32, "Candidates drawn per problem.")
-_MAX_NEW = define_flag("integer", "max_new_tokens", 1024, "Generated tokens per candidate.")
-_TEMPLATE = define_flag(
-    "enum",
-    "template",
-    None,
-    "Prompt template (default: chat when the checkpoint has one, else none / r1).",
-    enum_values=list(TEMPLATE_NAMES),
-)
-_SUFFIX = define_flag("string", "suffix", MATH_SUFFIX, "Text after a bare problem ('' = none).")
-_TEMPERATURE = define_flag("float", "temperature", 0.6, "Sampling temperature; 0 = greedy.")
-_TOP_P = define_flag("float", "top_p", 0.95, "Nucleus sampling mass in (0, 1].")
-_REPETITION = define_flag(
-    "float", "repetition_penalty", 1.0, "vLLM-style repetition penalty (1 = off)."
-)
-_PRESET = define_flag(
-    "enum", "preset", None, "The original's test-time settings.", enum_values=["official"]
-)
-_REWARD = define_flag("enum", "reward", None, "Grading rule.", enum_values=list(REWARDS))
-_MANAGER = define_flag(
-    "enum",
-    "manager",
-    "naive",
-    "Official reward manager: naive (1.5B/7B) or prime (32B).",
-    enum_values=["naive", "prime"],
-)
-_LANG = define_flag(
-    "enum",
-    "lang",
-    "en",
-    "Step delimiters: en = the '.\\n\\n' token, zh = the Chinese mode (REFERENCE section 2).",
-    enum_values=["en", "zh"],
-)
-_ALLOW_UNTRAINED = define_flag(
-    "bool", "allow_untrained_head", False, "Run with an untrained (random) SPRM head."
-)
+_DECODING = define_decoding_flags()
+_LANG, _ALLOW_UNTRAINED = define_head_flags()
 _BATCH = define_flag("integer", "batch_size", 8, "Problems per sampler call (x k_max rows).")
 _SEED = define_flag("integer", "seed", 0, "Sampling seed.")
 _DTYPE = define_flag(
@@ -171,24 +137,9 @@ def evaluate(
 
 def options_from_flags() -> InferOptions:
     """InferOptions from the flags over the preset's values (explicit flags win)."""
-    values = dict(OFFICIAL_PRESET) if _PRESET.value == "official" else {}
-    for name, holder in (
-        ("temperature", _TEMPERATURE),
-        ("top_p", _TOP_P),
-        ("repetition_penalty", _REPETITION),
-        ("max_new_tokens", _MAX_NEW),
-    ):
-        if holder.present or name not in values:
-            values[name] = holder.value
-    if _REWARD.value is not None:
-        values["reward"] = _REWARD.value
-    values.update(k=_K_MAX.value, template=_TEMPLATE.value, suffix=_SUFFIX.value or None)
-    return InferOptions(
-        **values,
-        manager=_MANAGER.value,
-        batch_size=_BATCH.value,
-        seed=_SEED.value,
-    )
+    values = options_over_preset(_DECODING)
+    values.update(k=_K_MAX.value, batch_size=_BATCH.value, seed=_SEED.value)
+    return InferOptions(**values)
 
 
 def main(argv: list[str]) -> None:

@@ -34,64 +34,23 @@ from pathlib import Path
 from absl import app, flags
 
 from msjax import checkpoint
-from msjax.cli import define_flag
-from msjax.generate.infer import (
-    OFFICIAL_PRESET,
-    REWARDS,
-    InferOptions,
-    infer_file,
-    pool_files,
-    summary_table,
-)
+from msjax.cli import define_decoding_flags, define_flag, define_head_flags, options_over_preset
+from msjax.generate.infer import InferOptions, infer_file, pool_files, summary_table
 from msjax.generate.pruning import PruneRule
 from msjax.generate.tts import MODES, SELECTIONS, resolve_k
-from msjax.templates import TEMPLATE_NAMES
-from msjax.tokenizer import LANG_STEP_MODES, MATH_SUFFIX, Tokenizer
+from msjax.tokenizer import LANG_STEP_MODES, Tokenizer
 
 MODEL = define_flag("string", "model", None, "A Hugging Face folder or an msjax checkpoint.")
 INPUT = define_flag("string", "input", None, "Input .jsonl / .parquet / .json file.")
 OUTPUT = define_flag("string", "output", None, "Output JSONL file.")
 MODE = define_flag("enum", "mode", None, "Reasoning effort (Best-of-k).", enum_values=list(MODES))
 K = define_flag("integer", "k", None, "Candidates per prompt (instead of --mode).")
-TEMPERATURE = define_flag("float", "temperature", 0.6, "Sampling temperature; 0 = greedy.")
-TOP_P = define_flag("float", "top_p", 0.95, "Nucleus sampling mass in (0, 1].")
+DECODING = define_decoding_flags()
 TOP_K = define_flag("integer", "top_k", 0, "Keep the k most likely tokens (0 = off).")
-REPETITION = define_flag(
-    "float", "repetition_penalty", 1.0, "vLLM-style repetition penalty (1 = off)."
-)
-MAX_NEW = define_flag("integer", "max_new_tokens", 1024, "Generated tokens per candidate.")
 SEED = define_flag("integer", "seed", 0, "Sampling seed.")
 PRUNE = define_flag("string", "prune", None, "Early pruning rule, e.g. 'margin=0.2,every=64'.")
 BATCH_SIZE = define_flag("integer", "batch_size", 8, "Prompts per sampler call.")
-TEMPLATE = define_flag(
-    "enum",
-    "template",
-    None,
-    "Prompt template (default: chat when the checkpoint has one, else none / r1).",
-    enum_values=list(TEMPLATE_NAMES),
-)
-SUFFIX = define_flag("string", "suffix", MATH_SUFFIX, "Text after a bare problem ('' = none).")
-PRESET = define_flag(
-    "enum", "preset", None, "The original's test-time settings.", enum_values=["official"]
-)
-REWARD = define_flag("enum", "reward", None, "Grading rule.", enum_values=list(REWARDS))
-MANAGER = define_flag(
-    "enum",
-    "manager",
-    "naive",
-    "Official reward manager: naive (1.5B/7B) or prime (32B).",
-    enum_values=["naive", "prime"],
-)
-LANG = define_flag(
-    "enum",
-    "lang",
-    "en",
-    "Step delimiters: en = the '.\\n\\n' token, zh = the Chinese mode (REFERENCE section 2).",
-    enum_values=["en", "zh"],
-)
-ALLOW_UNTRAINED = define_flag(
-    "bool", "allow_untrained_head", False, "Run with an untrained (random) SPRM head."
-)
+LANG, ALLOW_UNTRAINED = define_head_flags()
 POOL = define_flag(
     "string", "pool", None, "Comma-separated msjax-infer outputs: print the pooled metric only."
 )
@@ -119,35 +78,18 @@ for _alias, _name in (
 def options_from_flags() -> InferOptions:
     """InferOptions from the flags (over the preset's values, when --preset is given: flags given
     explicitly win); app.UsageError naming the flag for a bad value."""
-    preset = dict(OFFICIAL_PRESET) if PRESET.value == "official" else {}
-    given = lambda holder: holder.present or holder.name not in preset
-
     try:
-        values = dict(preset)
+        values = options_over_preset({**DECODING, "top_k": TOP_K})
         if MODE.value is not None or K.value is not None:
             values["k"] = resolve_k(MODE.value, K.value)
-        elif not preset:
+        elif DECODING["preset"].value is None:
             values["k"] = 1
-        for name, holder in (
-            ("temperature", TEMPERATURE),
-            ("top_p", TOP_P),
-            ("top_k", TOP_K),
-            ("repetition_penalty", REPETITION),
-            ("max_new_tokens", MAX_NEW),
-        ):
-            if given(holder):
-                values[name] = holder.value
-        if REWARD.value is not None:
-            values["reward"] = REWARD.value
         return InferOptions(
             **values,
             seed=SEED.value,
             prune=PruneRule.parse(PRUNE.value) if PRUNE.value else None,
             batch_size=BATCH_SIZE.value,
-            template=TEMPLATE.value,
-            suffix=SUFFIX.value or None,
             selection=SELECTION.value,
-            manager=MANAGER.value,
         )
     except ValueError as e:
         raise app.UsageError(str(e)) from e

@@ -18,7 +18,7 @@ import logging
 from absl import app
 
 from msjax import checkpoint
-from msjax.cli import define_flag
+from msjax.cli import define_flag, define_head_flags
 from msjax.scoring import score_file
 from msjax.tokenizer import LANG_STEP_MODES, Tokenizer
 
@@ -26,16 +26,7 @@ MODEL = define_flag("string", "model", None, "A Hugging Face folder or an msjax 
 INPUT = define_flag("string", "input", None, "score: input JSONL file.")
 OUTPUT = define_flag("string", "output", None, "score: output JSONL file.")
 BATCH_SIZE = define_flag("integer", "batch_size", 8, "Rows per forward pass.")
-LANG = define_flag(
-    "enum",
-    "lang",
-    "en",
-    "Step delimiters: en = the '.\\n\\n' token, zh = the Chinese mode (REFERENCE section 2).",
-    enum_values=["en", "zh"],
-)
-ALLOW_UNTRAINED = define_flag(
-    "bool", "allow_untrained_head", False, "Run with an untrained (random) SPRM head."
-)
+LANG, ALLOW_UNTRAINED = define_head_flags()
 DTYPE = define_flag(
     "enum",
     "dtype",

@@ -373,6 +373,29 @@ def test_official_preset_and_the_clamped_budget(setup):
     options = infer_cli.options_from_flags()
     assert (options.temperature, options.k, options.top_p) == (1.0, 2, 0.95)
     flags.FLAGS.unparse_flags()
+    flags.FLAGS(["msjax-infer", "--suffix=", "--manager=prime", "--max_new_tokens=7"])
+    options = infer_cli.options_from_flags()  # no preset: the flags' own defaults
+    assert (options.k, options.temperature, options.repetition_penalty) == (1, 0.6, 1.0)
+    assert (options.reward, options.manager, options.suffix, options.max_new_tokens) == (
+        "math",
+        "prime",
+        None,
+        7,
+    )
+    flags.FLAGS.unparse_flags()
+    # eval.py shares the flags: --k_max is its k, the preset and explicit flags as above.
+    from experiments import eval as eval_script
+
+    flags.FLAGS(["eval", "--preset=official", "--k_max=4", "--top_p=0.5"])
+    options = eval_script.options_from_flags()
+    assert (options.k, options.top_p, options.temperature, options.reward) == (
+        4,
+        0.5,
+        0.6,
+        "official",
+    )
+    assert options.clamp_max_new_tokens and options.max_new_tokens == 32768
+    flags.FLAGS.unparse_flags()
 
     _, cfg = load_hf(path)
     src = Path(path) / "prompts.jsonl"
