@@ -17,7 +17,7 @@ The rule:
   5. Correct (`msjax.rewards.normalize.strings_equivalent`, then math-verify's
      `verify(parse(prediction), parse(gold))`) -> 1.0. Wrong: 0.1 when `text` lacks the EOS
      literal "<｜end▁of▁sentence｜>", else 0.0 (the trainer turns 0.1 into 0).
-Some inputs make step 5 run for hours (the original's regexes are quadratic on e.g. 30k
+Some inputs make step 5 run for minutes (the original's regexes are quadratic on e.g. 100k
 "oxed{"; sympy on huge expressions), so `official_reward` runs it in a worker process under a
 timeout, as `MathVerifier` does for batches; an answer that runs out of time is wrong.
 """

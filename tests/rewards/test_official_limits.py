@@ -1,5 +1,5 @@
 """`official_reward` on pathological input: huge texts, deep braces, 10k boxes, invalid LaTeX,
-an answer whose normalisation runs for hours, bad types, and calls from a daemonic process.
+an answer whose normalisation runs for minutes, bad types, and calls from a daemonic process.
 Values are derived from the rule by hand (the gold is "7"; only the texts valued 1 hold a 7)."""
 
 import multiprocessing as mp
@@ -50,9 +50,9 @@ PATHOLOGICAL = [
     ("100k_think_ends", R1 + "</think>" * 100_000 + "7" + EOS, "naive", 0.0),
     ("100k_think_ends_prime", "</think>" * 100_000 + "7", "prime", 1.0),
 ]
-# The original's regexes are quadratic here (hours): the worker times out, the answer is wrong,
-# and without the EOS literal a wrong answer is worth 0.1.
-QUADRATIC = R1 + THINK + "oxed{" * 30_000
+# The original's regexes are quadratic here (minutes): the worker times out, the answer is
+# wrong, and without the EOS literal a wrong answer is worth 0.1.
+QUADRATIC = R1 + THINK + "oxed{" * 100_000
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ def test_pathological_inputs_get_the_rule_value(text, manager, value):
     assert official_reward(text, "7", manager=manager, timeout_s=TIMEOUT_S) == value
 
 
-def test_an_answer_that_runs_for_hours_times_out_as_wrong():
+def test_an_answer_that_runs_for_minutes_times_out_as_wrong():
     before = _shared_verifier("naive", TIMEOUT_S).counters()["timeouts"]
     assert official_reward(QUADRATIC, "7", timeout_s=TIMEOUT_S) == 0.1
     assert _shared_verifier("naive", TIMEOUT_S).counters()["timeouts"] == before + 1
