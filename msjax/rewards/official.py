@@ -158,13 +158,11 @@ def check_text(text) -> str:
     return text
 
 
-def reward_here(text: str, gold: str, manager: str = "naive") -> float:
+def _reward_here(text: str, gold: str, manager: str) -> float:
     """`official_reward` in this process, with no timeout but math-verify's own (5 s alarms,
     main thread only): for processes that cannot start workers."""
-    pred = official_prediction(check_text(text), manager)
-    if pred is None:
-        return 0.0
-    return reward_value(text, official_equal(pred, gold_answer(gold)))
+    pred = official_prediction(text, manager)
+    return 0.0 if pred is None else reward_value(text, official_equal(pred, gold))
 
 
 _lock = threading.Lock()
@@ -180,16 +178,17 @@ def _shared_verifier(manager: str, timeout_s: float):
 
 
 def official_reward(
-    text: str, gold: str, *, manager: str = "naive", timeout_s: float = DEFAULT_TIMEOUT_S
+    text: str, gold: str | float, *, manager: str = "naive", timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> float:
     """The original's reward of `text` (see the module docstring) against `gold` (a string, or
     a number). Extraction and short string tests run here; the rest runs in one worker process
     per (manager, timeout_s), started on first need and shared by the threads of this process,
     and counts as wrong after `timeout_s` seconds. A daemonic process (a `multiprocessing.Pool`
-    worker) cannot start one and grades here (`reward_here`). Batches: `MathVerifier`."""
+    worker) cannot start one and grades here, under math-verify's own timeouts only.
+    Batches: `MathVerifier`."""
     _check_manager(manager)
     text, gold = check_text(text), gold_answer(gold)
     if mp.current_process().daemon:
-        return reward_here(text, gold, manager)
+        return _reward_here(text, gold, manager)
     with _lock:
         return _shared_verifier(manager, float(timeout_s)).rewards([text], [gold])[0]
