@@ -38,6 +38,8 @@ from msjax.rewards.official import (
     MANAGERS,
     THINK_END,
     THINK_START,
+    check_text,
+    gold_answer,
     math_verify_equal,
     official_prediction,
     reward_value,
@@ -274,7 +276,7 @@ def math_reward(response: str, gold: str, *, prompt: str = "") -> float:
 
 
 def _warm_up() -> None:
-    _math_verify("1/2", "0.5", None)
+    _math_verify("1/2", "0.5", 5)
 
 
 def _grade_in_worker(reward: str, pred, gold, timeout_s: int | None, compare=None) -> bool:
@@ -350,19 +352,35 @@ class MathVerifier:
         golds: Sequence[str],
         prompts: Sequence[str] | None = None,
     ) -> np.ndarray:
-        """Rewards f32[batch] of `responses` against `golds`; `prompts` (optional, one per
-        response) come before them: "math" reads whether they open a think span, "official"
-        grades prompt + response."""
+        """Rewards f32[batch] of `responses` against `golds` (strings or numbers); `prompts`
+        (optional, one per response) come before them: "math" reads whether they open a think
+        span, "official" grades prompt + response. TypeError naming the row for a non-str text
+        or a gold of another type, before anything is graded."""
+        return np.asarray(self.rewards(responses, golds, prompts), np.float32)
+
+    def rewards(
+        self,
+        responses: Sequence[str],
+        golds: Sequence[str],
+        prompts: Sequence[str] | None = None,
+    ) -> list[float]:
+        """`verify_batch` as a list of Python floats (the official 0.1 exactly)."""
         n = len(responses)
         if len(golds) != n:
             raise ValueError(f"{n} responses but {len(golds)} gold answers")
         prompts = [""] * n if prompts is None else list(prompts)
         if len(prompts) != n:
             raise ValueError(f"{n} responses but {len(prompts)} prompts")
+        rows = []
+        for i, (r, g, p) in enumerate(zip(responses, golds, prompts, strict=True)):
+            try:
+                rows.append((check_text(r), gold_answer(g), check_text(p)))
+            except TypeError as e:
+                raise TypeError(f"row {i}: {e}") from None
         correct, answered = np.zeros(n, bool), np.ones(n, bool)
         todo: list[tuple[int, tuple]] = []
-        for i, (r, g, p) in enumerate(zip(responses, golds, prompts, strict=True)):
-            decided, args = self._prepare(r, str(g), p)
+        for i, (r, g, p) in enumerate(rows):
+            decided, args = self._prepare(r, g, p)
             answered[i] = args is not None
             if decided is None:
                 todo.append((i, args))
@@ -375,10 +393,9 @@ class MathVerifier:
         self.stats["fast"] += n - len(todo)
         self.stats["verified"] += len(todo)
         if self.reward == "math":
-            return correct.astype(np.float32)
-        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
-        values = [reward_value(t, c) if a else 0.0 for t, c, a in zip(texts, correct, answered)]
-        return np.asarray(values, np.float32)
+            return [float(c) for c in correct]
+        texts = [p + r for r, _, p in rows]
+        return [reward_value(t, c) if a else 0.0 for t, c, a in zip(texts, correct, answered)]
 
     @property
     def timeouts(self) -> int:

@@ -17,10 +17,17 @@ The rule:
   5. Correct (`msjax.rewards.normalize.strings_equivalent`, then math-verify's
      `verify(parse(prediction), parse(gold))`) -> 1.0. Wrong: 0.1 when `text` lacks the EOS
      literal "<｜end▁of▁sentence｜>", else 0.0 (the trainer turns 0.1 into 0).
+Some inputs make step 5 run for minutes (the original's regexes are quadratic on e.g. 100k
+"oxed{"; sympy on huge expressions), so `official_reward` runs it in a worker process under a
+timeout, as `MathVerifier` does for batches; an answer that runs out of time is wrong.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing as mp
+import numbers
 import re
 import threading
 
@@ -31,6 +38,7 @@ HEADERS = ("Assistant:", "<|im_start|>assistant", "<｜Assistant｜>")
 EOS_LITERAL = "<｜end▁of▁sentence｜>"
 THINK_START, THINK_END = "<think>", "</think>"
 UNFINISHED_REWARD = 0.1
+DEFAULT_TIMEOUT_S = 10.0
 _DOUBLE_BRACES_RE = re.compile(r"^\{(.*)\}$")
 
 
@@ -131,10 +139,56 @@ def reward_value(text: str, correct: bool) -> float:
     return UNFINISHED_REWARD if EOS_LITERAL not in text else 0.0
 
 
-def official_reward(text: str, gold: str, *, manager: str = "naive") -> float:
-    """The original's reward of `text` (see the module docstring) against the gold answer, in
-    this process; `MathVerifier(reward="official")` grades batches with timeouts."""
+def gold_answer(gold) -> str:
+    """The gold answer as a string: a str as is, a number as `str(number)`; TypeError else."""
+    if isinstance(gold, str):
+        return gold
+    if isinstance(gold, numbers.Number) and not isinstance(gold, bool):
+        return str(gold)
+    hint = " (a verl ground_truth: pass its 'target')" if isinstance(gold, dict) else ""
+    raise TypeError(
+        f"the gold answer must be a string or a number, got {type(gold).__name__}{hint}"
+    )
+
+
+def check_text(text) -> str:
+    """`text` itself; TypeError unless it is a str."""
+    if not isinstance(text, str):
+        raise TypeError(f"the graded text must be a decoded str, got {type(text).__name__}")
+    return text
+
+
+def _reward_here(text: str, gold: str, manager: str) -> float:
+    """`official_reward` in this process, with no timeout but math-verify's own (5 s alarms,
+    main thread only): for processes that cannot start workers."""
     pred = official_prediction(text, manager)
-    if pred is None:
-        return 0.0
-    return reward_value(text, official_equal(pred, str(gold)))
+    return 0.0 if pred is None else reward_value(text, official_equal(pred, gold))
+
+
+_lock = threading.Lock()
+
+
+@functools.cache
+def _shared_verifier(manager: str, timeout_s: float):
+    from msjax.rewards.math import MathVerifier  # msjax.rewards.math builds on this module
+
+    verifier = MathVerifier(1, timeout_s, reward="official", manager=manager)
+    atexit.register(verifier.close)
+    return verifier
+
+
+def official_reward(
+    text: str, gold: str | float, *, manager: str = "naive", timeout_s: float = DEFAULT_TIMEOUT_S
+) -> float:
+    """The original's reward of `text` (see the module docstring) against `gold` (a string, or
+    a number). Extraction and short string tests run here; the rest runs in one worker process
+    per (manager, timeout_s), started on first need and shared by the threads of this process,
+    and counts as wrong after `timeout_s` seconds. A daemonic process (a `multiprocessing.Pool`
+    worker) cannot start one and grades here, under math-verify's own timeouts only.
+    Batches: `MathVerifier`."""
+    _check_manager(manager)
+    text, gold = check_text(text), gold_answer(gold)
+    if mp.current_process().daemon:
+        return _reward_here(text, gold, manager)
+    with _lock:
+        return _shared_verifier(manager, float(timeout_s)).rewards([text], [gold])[0]

@@ -136,6 +136,41 @@ CASES = [
 ]
 
 
+# The MATH answer-equivalence test pairs of the public hendrycks/math repository
+# (modeling/math_equivalence_test.py), restated as (prediction, gold, value under the original's
+# rule): 1 where the MATH-style forms agree, 0 where no test can match, None where math-verify
+# decides (lists, equations, and a gold whose "2/3" makes the MATH-style form give up). The suite
+# expects 0 for four of the None pairs; the original's rule gives 1 there (math-verify reads the
+# bare strings), and so does msjax's `official`.
+MATH_EQUIVALENCE_SUITE = [
+    ("\\tfrac{1}{2} + \\frac1{72}", "\\\\frac{1}{2} + 2/3", None),
+    ("10, 4, -2", "4, 10, -2", None),
+    ("10, 4, 2", "4, 12, 2", None),
+    ("\\tfrac{1}{2} +\\! \\frac1{72}", "\\\\dfrac{1}{2} +\\frac{1}{72}", 1.0),
+    ("10\\text{ units}", "10 ", 1.0),
+    ("10\\text{ units}", "100 ", 0.0),
+    ("10", "\\$10", 1.0),
+    ("\\left(x-2\\right)\\left(x+2\\right)", "(x-2)(x+2)", 1.0),
+    ("0.1, 4, 2", "4, .1, 2", None),
+    ("0.1", ".1", 1.0),
+    ("10\\%", "10", 1.0),
+    ("10\\sqrt{3} + \\sqrt4", "10\\sqrt3 + \\sqrt{4}", 1.0),
+    ("\\frac34i", "\\frac{3}{4}i", 1.0),
+    ("\\tfrac83", "\\frac{8}{3}", 1.0),
+    ("5x - 7y + 11z + 4 = 0", "x + y - z + 2 = 0", None),
+    ("1/2", "\\frac{1}{2}", 1.0),
+]
+
+
+@pytest.mark.parametrize("pred, gold, value", MATH_EQUIVALENCE_SUITE)
+def test_math_equivalence_suite(pred, gold, value):
+    for text in (r1(f"\\boxed{{{pred}}}"), r1(pred)):
+        got = official_reward(text, gold)
+        assert got == reference_reward(text, gold)
+        if value is not None:
+            assert got == value
+
+
 def test_cases_cover_the_rule():
     assert len(CASES) >= 60
     values = [v for *_, v in CASES]
