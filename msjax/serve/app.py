@@ -1,0 +1,220 @@
+"""The FastAPI application of `msjax-serve`: the original /generate and /score routes, /health,
+/stats, request logging, per-request timeouts and JSON errors.
+
+Routes (REFERENCE section 5 for the original fields):
+  POST /generate {prefix_prompt, max_tokens=1024, response_num=8, stop=null, temperature=0.8,
+      seed=null} -> {"results": [response texts]}; msjax extensions: "return_scores": true adds
+      "scores", "step_scores", "finish_reasons" (streamed during decoding); "mode": "low" |
+      "medium" | "high" sets response_num to 2 / 8 / 32 and adds "best" (the SPRM's choice).
+  POST /score {text, return_all_scores=false} -> {"value"} or {"value", "all_scores",
+      "token_ids", "score_positions"}.
+  GET /health -> 200 {"status": "ok", ...} once warm, 503 before.
+  GET /stats -> counters: requests, batches, rows, tokens, compiles, queue, peak RSS.
+Every error is HTTP 4xx/5xx with {"error": message}: 400 bad input, 404/405 unknown route or
+method, 503 queue full / warming up / shutting down, 504 past --request_timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import resource
+import secrets
+import sys
+import time
+from typing import Any
+
+import jax
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from msjax.generate.tts import best_of_n
+from msjax.serve.backend import Row, row_id
+from msjax.serve.batcher import Batcher, QueueFull, ShuttingDown
+from msjax.serve.schema import ApiError, parse_generate, parse_score
+
+log = logging.getLogger("msjax.serve")
+_POLL_S = 0.5  # how often a waiting handler checks that its client is still connected
+
+
+class CompileCounter:
+    """Counts XLA compilations in this process (jax.monitoring's backend-compile event)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+        if event == self.EVENT:
+            self.count += 1
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def create_app(
+    backend,
+    batcher: Batcher,
+    *,
+    request_timeout_s: float = 600.0,
+    max_response_num: int = 64,
+    model_name: str = "",
+    compiles: CompileCounter | None = None,
+) -> FastAPI:
+    """The app; the batcher's worker starts with the app and stops at shutdown."""
+    tokenizer = backend.tokenizer
+    statuses: collections.Counter[str] = collections.Counter()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        log.info("shutting down: failing %d queued requests", batcher.queued())
+        await asyncio.to_thread(batcher.stop)
+
+    app = FastAPI(title="msjax-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    @app.middleware("http")
+    async def log_requests(request: Request, call_next):
+        start = time.perf_counter()
+        request.state.info = ""
+        response = await call_next(request)
+        statuses[f"{request.url.path} {response.status_code}"] += 1
+        log.info(
+            "%s %s %d %.0f ms %s",
+            request.method,
+            request.url.path,
+            response.status_code,
+            1000 * (time.perf_counter() - start),
+            request.state.info,
+        )
+        return response
+
+    async def run(request: Request, kind: str, items: list[Any]) -> list[Any] | JSONResponse:
+        """Queues the work and waits for it (timeout, client gone and queue full handled)."""
+        if not batcher.ready.is_set():
+            return error(503, "the server is warming up; retry when GET /health answers 200.")
+        try:
+            job = batcher.submit(kind, items)
+        except QueueFull as e:
+            return error(503, f"{e}; retry later.")
+        except ShuttingDown as e:
+            return error(503, str(e))
+        deadline = time.monotonic() + request_timeout_s
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return error(504, f"no result within --request_timeout={request_timeout_s} s.")
+                try:
+                    return await asyncio.wait_for(asyncio.shield(job.future), min(_POLL_S, left))
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        request.state.info = "client disconnected"
+                        return error(499, "the client disconnected.")
+        except ShuttingDown as e:
+            return error(503, str(e))
+        except Exception as e:  # the device call failed: logged by the batcher
+            return error(500, f"{kind} failed: {type(e).__name__}: {e}")
+        finally:
+            batcher.cancel(job)
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        try:
+            req = parse_generate(await request.body(), max_response_num)
+            prompt = tuple(tokenizer.encode(req.prefix_prompt))
+            if not prompt:
+                raise ApiError("'prefix_prompt' encodes to no tokens.")
+            if len(prompt) > backend.max_prompt_tokens():
+                raise ApiError(
+                    f"'prefix_prompt' has {len(prompt)} tokens, leaving no room to generate in "
+                    f"the model's context of {backend.context} positions (at most "
+                    f"{backend.max_prompt_tokens()} prompt tokens)."
+                )
+        except ApiError as e:
+            return error(e.status, e.message)
+        seed = secrets.randbits(63) if req.seed is None else req.seed
+        rows = [
+            Row(prompt, req.max_tokens, req.temperature, row_id(seed, j), req.stop)
+            for j in range(req.response_num)
+        ]
+        samples = await run(request, "generate", rows)
+        if isinstance(samples, JSONResponse):
+            return samples
+        generated = sum(len(s.tokens) for s in samples)
+        request.state.info = f"prompt {len(prompt)} tok, {len(rows)} responses, {generated} tok"
+        out: dict[str, Any] = {"results": [s.text for s in samples]}
+        if req.return_scores:
+            out["scores"] = [s.score for s in samples]
+            out["step_scores"] = [s.step_scores for s in samples]
+            out["finish_reasons"] = [s.finish for s in samples]
+        if req.mode is not None:
+            out["best"] = best_of_n([s.score for s in samples])
+        return out
+
+    @app.post("/score")
+    async def score(request: Request):
+        try:
+            req = parse_score(await request.body())
+            ids = tokenizer.encode(req.text)
+            if len(ids) > backend.context:
+                raise ApiError(
+                    f"'text' has {len(ids)} tokens, more than the model's context of "
+                    f"{backend.context} positions."
+                )
+        except ApiError as e:
+            return error(e.status, e.message)
+        results = await run(request, "score", [ids])
+        if isinstance(results, JSONResponse):
+            return results
+        (r,) = results
+        request.state.info = f"text {len(ids)} tok, {len(r['step_scores'])} steps"
+        if not req.return_all_scores:
+            return {"value": r["value"]}
+        return {
+            "value": r["value"],
+            "all_scores": r["step_scores"],
+            "token_ids": ids,
+            "score_positions": r["step_positions"],
+        }
+
+    @app.get("/health")
+    async def health():
+        if batcher.error is not None:
+            return error(500, f"warm-up failed: {batcher.error}")
+        if not batcher.ready.is_set():
+            return error(503, "warming up")
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/stats")
+    async def stats():
+        s = batcher.stats
+        return {
+            "warm": batcher.ready.is_set(),
+            "queued": batcher.queued(),
+            "batches": s.batches,
+            "rows": s.rows,
+            "tokens_generated": s.tokens_generated,
+            "busy_s": s.busy_s,
+            "compiles": None if compiles is None else compiles.count,
+            "peak_rss_mb": peak_rss_mb(),
+            "responses": dict(statuses),
+        }
+
+    return app
