@@ -3,7 +3,8 @@
     msjax-serve --model DIR [--host 127.0.0.1] [--port 8000] [--max_batch_rows 32]
         [--row_buckets 1,4,16,32] [--max_delay_ms 10] [--max_queue 256] [--request_timeout 600]
         [--max_response_num 64] [--nobatching] [--dtype float32|bfloat16|auto] [--mesh D,F,T]
-        [--warmup_temperature 0.8] [--warmup_max_tokens 1024] [--allow_untrained_head]
+        [--repetition_penalty 1.05] [--warmup_temperature 0.8] [--warmup_max_tokens 1024]
+        [--allow_untrained_head]
 
 DIR is a Hugging Face folder (with score_module.pt) or an msjax checkpoint, with tokenizer files.
 The original client takes a policy URL and a reward URL: point both at this server. Routes and
@@ -51,6 +52,9 @@ MESH = define_flag("string", "mesh", None, "Mesh sizes 'data,fsdp,tensor' (defau
 WARM_T = define_flag(
     "float", "warmup_temperature", 0.8, "Warm-up compiles generation at this temperature."
 )
+PENALTY = define_flag(
+    "float", "repetition_penalty", 1.05, "Default repetition penalty (the original's 1.05)."
+)
 WARM_N = define_flag("integer", "warmup_max_tokens", 1024, "... and this max_tokens.")
 ALLOW_UNTRAINED = define_flag(
     "bool", "allow_untrained_head", False, "Serve even when the SPRM head is untrained."
@@ -77,6 +81,8 @@ def _check_flags() -> None:
     for holder in (MAX_DELAY_MS, TIMEOUT, WARM_T):
         if not holder.value >= 0:
             raise app.UsageError(f"--{holder.name}={holder.value} must be >= 0.")
+    if not PENALTY.value > 0:
+        raise app.UsageError(f"--repetition_penalty={PENALTY.value} must be > 0 (1 = off).")
     if not 0 < PORT.value < 65536:
         raise app.UsageError(f"--port={PORT.value} must be a TCP port (1-65535).")
 
@@ -86,7 +92,7 @@ def main(argv: list[str]) -> None:
     import uvicorn
 
     from msjax.serve.app import CompileCounter, create_app
-    from msjax.serve.backend import SamplerBackend, untrained_head
+    from msjax.serve.backend import TOP_P, SamplerBackend, untrained_head
     from msjax.serve.batcher import Batcher
 
     if len(argv) > 1:
@@ -148,15 +154,14 @@ def main(argv: list[str]) -> None:
         TIMEOUT.value,
     )
     log.info(
-        "sampling: top_p %.2f; repetition penalty %.2f (the original's 1.05 needs the rollout "
-        "engine); temperature 0 = greedy, seed 0 = seed 0",
-        0.95,
-        backend.penalty,
+        "sampling: top_p %.2f, repetition penalty %g; temperature 0 = greedy, seed 0 = seed 0",
+        TOP_P,
+        PENALTY.value,
     )
 
     def warmup() -> None:
         t0, n0 = time.perf_counter(), compiles.count
-        backend.warmup(WARM_T.value, WARM_N.value)
+        backend.warmup(WARM_T.value, WARM_N.value, PENALTY.value)
         log.info(
             "warm: %d programs compiled in %.1f s (generation at temperature %g, max_tokens "
             "%d; scoring); serving on http://%s:%d",
@@ -180,6 +185,7 @@ def main(argv: list[str]) -> None:
         batcher,
         request_timeout_s=TIMEOUT.value,
         max_response_num=MAX_RESPONSE_NUM.value,
+        repetition_penalty=PENALTY.value,
         model_name=str(MODEL.value),
         compiles=compiles,
     )

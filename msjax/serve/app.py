@@ -5,11 +5,12 @@ Routes (REFERENCE section 5 for the original fields):
   POST /generate {prefix_prompt, max_tokens=1024, response_num=8, stop=null, temperature=0.8,
       seed=null} -> {"results": [response texts]}; msjax extensions: "return_scores": true adds
       "scores", "step_scores", "finish_reasons" (streamed during decoding); "mode": "low" |
-      "medium" | "high" sets response_num to 2 / 8 / 32 and adds "best" (the SPRM's choice).
+      "medium" | "high" sets response_num to 2 / 8 / 32 and adds "best" (the SPRM's choice);
+      "repetition_penalty" overrides the server's (--repetition_penalty, default 1.05).
   POST /score {text, return_all_scores=false} -> {"value"} or {"value", "all_scores",
       "token_ids", "score_positions"}.
   GET /health -> 200 {"status": "ok", ...} once warm, 503 before.
-  GET /stats -> counters: requests, batches, rows, tokens, compiles, queue, peak RSS.
+  GET /stats -> counters: responses, batches, rows, tokens, compiles, queue, memory (RSS).
 Every error is HTTP 4xx/5xx with {"error": message}: 400 bad input, 404/405 unknown route or
 method, 503 queue full / warming up / shutting down, 504 past --request_timeout.
 """
@@ -20,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import resource
 import secrets
 import sys
@@ -60,12 +62,23 @@ def peak_rss_mb() -> float:
     return kb / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
+def rss_mb() -> float:
+    """Current resident memory of this process in MiB (the peak where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except OSError:
+        return peak_rss_mb()
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def create_app(
     backend,
     batcher: Batcher,
     *,
     request_timeout_s: float = 600.0,
     max_response_num: int = 64,
+    repetition_penalty: float = 1.05,
     model_name: str = "",
     compiles: CompileCounter | None = None,
 ) -> FastAPI:
@@ -150,8 +163,9 @@ def create_app(
         except ApiError as e:
             return error(e.status, e.message)
         seed = secrets.randbits(63) if req.seed is None else req.seed
+        penalty = req.repetition_penalty or repetition_penalty
         rows = [
-            Row(prompt, req.max_tokens, req.temperature, row_id(seed, j), req.stop)
+            Row(prompt, req.max_tokens, req.temperature, row_id(seed, j), req.stop, penalty)
             for j in range(req.response_num)
         ]
         samples = await run(request, "generate", rows)
@@ -213,6 +227,7 @@ def create_app(
             "tokens_generated": s.tokens_generated,
             "busy_s": s.busy_s,
             "compiles": None if compiles is None else compiles.count,
+            "rss_mb": rss_mb(),
             "peak_rss_mb": peak_rss_mb(),
             "responses": dict(statuses),
         }

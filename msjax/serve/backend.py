@@ -1,9 +1,9 @@
 """Every call `msjax-serve` makes into generation and scoring, behind one small class, so the
 decoding engine can be swapped without touching the HTTP side.
 
-`SamplerBackend` drives the fixed-batch `msjax.generate.Sampler`: its temperature and decode
-length are compiled in, so the batcher groups rows by `group(row)` (temperature, decode-length
-bucket) and one compiled program serves each group and batch bucket. Rows are single samples
+`SamplerBackend` drives the fixed-batch `msjax.generate.Sampler`: its temperature, repetition
+penalty and decode length are compiled in, so the batcher groups rows by `group(row)` and one
+compiled program serves each group and batch bucket. Rows are single samples
 (n = 1 per row, prompts repeated), so requests with any `response_num` share a call. A row's
 randomness depends only on its `row_id` (from the request's seed and the sample index), never on
 the other rows of its batch. Responses shorter than the bucket's decode length are cut on the
@@ -40,7 +40,7 @@ from msjax.serve.stops import Sample, find_stop, geometric_mean, steps_after_cut
 log = logging.getLogger(__name__)
 
 TOP_P = 0.95  # the original server's fixed nucleus mass
-REPETITION_PENALTY = 1.05  # the original server's; needs the rollout engine (see `penalty`)
+REPETITION_PENALTY = 1.05  # the original server's
 MIN_NEW_TOKENS = 16
 _ROW_ID_LIMIT = 2**31 - 2  # Sampler row ids: int32, distinct, (id + 1) * n fits
 
@@ -73,13 +73,15 @@ def untrained_head(path: str | os.PathLike) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One sample to generate. prompt: token ids; max_tokens: the request's limit (>= 1);
-    temperature: 0 = greedy; row_id: randomness id (`row_id`); stop: text stop strings."""
+    temperature: 0 = greedy; row_id: randomness id (`row_id`); stop: text stop strings;
+    repetition_penalty: vLLM's (1 = off)."""
 
     prompt: tuple[int, ...]
     max_tokens: int
     temperature: float
     row_id: int
     stop: tuple[str, ...] = ()
+    repetition_penalty: float = REPETITION_PENALTY
 
 
 def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -134,8 +136,7 @@ class SamplerBackend:
         last = self.context - 1
         self.prompt_buckets = pow2_buckets(min(min_prompt_bucket, last), last)
         self.key = jax.random.key(key_seed)
-        self.penalty = 1.0  # the fixed-batch Sampler has no repetition penalty
-        self._samplers: dict[tuple[float, int], Sampler] = {}
+        self._samplers: dict[tuple[float, float, int], Sampler] = {}
 
     # ----------------------------------------------------------------------------- shapes
 
@@ -151,10 +152,11 @@ class SamplerBackend:
     def _room(self, row: Row) -> int:
         return self.context - choose_bucket(len(row.prompt), self.prompt_buckets)
 
-    def group(self, row: Row) -> tuple[float, int]:
-        """Rows with equal groups share one compiled call: (temperature, decode length)."""
+    def group(self, row: Row) -> tuple[float, float, int]:
+        """Rows with equal groups share one compiled call: (temperature, repetition penalty,
+        decode length)."""
         length = _next_pow2(max(self.limit(row), MIN_NEW_TOKENS))
-        return row.temperature, min(length, self._room(row))
+        return row.temperature, row.repetition_penalty, min(length, self._room(row))
 
     def batch_rows(self, n: int) -> int:
         """The padded batch size for n rows."""
@@ -162,22 +164,24 @@ class SamplerBackend:
 
     # ----------------------------------------------------------------------------- calls
 
-    def warmup(self, temperature: float, max_tokens: int) -> None:
-        """Compiles generation at (temperature, max_tokens) for a short prompt and scoring of a
-        short text, for every batch bucket."""
+    def warmup(self, temperature: float, max_tokens: int, repetition_penalty: float) -> None:
+        """Compiles generation with these settings for a short prompt, and scoring of a short
+        text, for every batch bucket."""
         prompt = (self.tokenizer.eos_id,)
         for rows in self.row_buckets:
-            self.generate([Row(prompt, max_tokens, temperature, i) for i in range(rows)])
+            row = lambda i: Row(prompt, max_tokens, temperature, i, (), repetition_penalty)
+            self.generate([row(i) for i in range(rows)])
             self.score([list(prompt)] * rows)
 
-    def _sampler(self, temperature: float, new_tokens: int) -> Sampler:
-        key = (temperature, new_tokens)
+    def _sampler(self, temperature: float, penalty: float, new_tokens: int) -> Sampler:
+        key = (temperature, penalty, new_tokens)
         if key not in self._samplers:
             config = SamplerConfig.from_tokenizer(
                 self.tokenizer,
                 max_new_tokens=new_tokens,
                 temperature=temperature,
                 top_p=TOP_P,
+                repetition_penalty=penalty,
                 prompt_buckets=self.prompt_buckets,
             )
             self._samplers[key] = Sampler(self.model, self.cfg, config, mesh=self.mesh)
@@ -188,7 +192,7 @@ class SamplerBackend:
         groups = {self.group(r) for r in rows}
         if len(groups) != 1 or len(rows) > self.max_batch_rows:
             raise ValueError(f"generate() takes up to {self.max_batch_rows} rows of one group.")
-        temperature, new_tokens = groups.pop()
+        group = groups.pop()
         ids = [r.row_id for r in rows]
         if len(set(ids)) != len(ids):  # the same seed twice in one batch: split it
             seen: set[int] = set()
@@ -201,7 +205,7 @@ class SamplerBackend:
         taken = set(ids)
         spare = list(itertools.islice((i for i in itertools.count() if i not in taken), fill))
         prompts = [list(r.prompt) for r in rows] + [list(rows[0].prompt)] * fill
-        result = self._sampler(temperature, new_tokens)(
+        result = self._sampler(*group)(
             self.params, prompts, n=1, key=self.key, prompt_ids=ids + spare
         ).to_host()
         reasons = result.finish_reasons()

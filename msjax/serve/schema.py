@@ -2,8 +2,8 @@
 gets an `ApiError` (HTTP 4xx, JSON `{"error": ...}`) that names the field and the fix.
 
 Field names, defaults and meanings are the original servers' (REFERENCE section 5); the msjax
-extensions are `return_scores` and `mode` on /generate. Unknown fields are ignored, as the
-original's pydantic models do.
+extensions are `return_scores`, `mode` and `repetition_penalty` on /generate. Unknown fields are
+ignored, as the original's pydantic models do.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ class ApiError(Exception):
 @dataclasses.dataclass(frozen=True)
 class GenerateRequest:
     """A checked /generate body. temperature 0 = greedy; seed None = a random seed; mode None or
-    "low" | "medium" | "high" (then response_num is 2 / 8 / 32)."""
+    "low" | "medium" | "high" (then response_num is 2 / 8 / 32); repetition_penalty None = the
+    server's (--repetition_penalty, the original's 1.05)."""
 
     prefix_prompt: str
     max_tokens: int = 1024
@@ -39,6 +40,7 @@ class GenerateRequest:
     seed: int | None = None
     return_scores: bool = False
     mode: str | None = None
+    repetition_penalty: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,10 @@ def _json_object(body: bytes) -> dict[str, Any]:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _int(data: dict, name: str, default: int | None, lo: int, hi: int | None = None) -> int:
@@ -133,14 +139,14 @@ def parse_generate(body: bytes, max_response_num: int) -> GenerateRequest:
     temperature = data.get("temperature", 0.8)
     if temperature is None:
         temperature = 0.8
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, int | float)
-        or not math.isfinite(temperature)
-        or temperature < 0
-    ):
+    if not _is_number(temperature) or temperature < 0:
         raise ApiError(
             f"'temperature' must be a number >= 0 (0 = greedy), got {json.dumps(temperature)}."
+        )
+    penalty = data.get("repetition_penalty")
+    if penalty is not None and (not _is_number(penalty) or penalty <= 0):
+        raise ApiError(
+            f"'repetition_penalty' must be a number > 0 (1 = off), got {json.dumps(penalty)}."
         )
     seed = data.get("seed")
     if seed is not None:
@@ -154,6 +160,7 @@ def parse_generate(body: bytes, max_response_num: int) -> GenerateRequest:
         seed=seed,
         return_scores=_bool(data, "return_scores"),
         mode=mode,
+        repetition_penalty=None if penalty is None else float(penalty),
     )
 
 

@@ -1,0 +1,44 @@
+"""The tiny reflective model the serving tests start `msjax-serve` on (one server per module,
+see server_process.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
+from tiny_hf import build_hf  # noqa: E402
+
+SPECIAL = ["<pad>", "<eos>", "<think>", "</think>", ".\n\n"]
+WORDS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+VOCAB = 32  # small, so that a random model writes ".\n\n" (steps) and <eos> often
+
+
+def write_tokenizer(path: Path) -> None:
+    """Word-level; ".\\n\\n" and the think tags are single (added) tokens; every id decodes."""
+    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS + ["[UNK]"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # Only <eos> is special (skipped in response texts), so a response text re-encodes to the
+    # tokens generated before the EOS.
+    tok.add_special_tokens([AddedToken("<eos>", normalized=False)])
+    added = ("<pad>", "<think>", "</think>", ".\n\n")
+    tok.add_tokens([AddedToken(t, normalized=False) for t in added])
+    tok.save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    (path / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    assert len(vocab) == VOCAB
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """HF folder: random Qwen2 (context 256) + score_module.pt + tokenizer files."""
+    path = tmp_path_factory.mktemp("serve_hf")
+    build_hf(path, hidden=32, heads=4, kv_heads=2, intermediate=48, vocab=VOCAB, seed=5)
+    write_tokenizer(path)
+    return path

@@ -1,0 +1,111 @@
+"""A bounded load test of msjax-serve (a real server in a subprocess): 16 concurrent clients x 10
+requests, mixed with malformed requests and clients that hang up mid-request. Every good request
+gets exactly the responses it gets alone (per-row randomness does not depend on the batch), every
+bad one a 400, the server survives, its memory stays flat and nothing compiles after warm-up."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server_process import Server  # noqa: E402
+
+CLIENTS, REQUESTS = 16, 10
+PROMPTS = ["<think> a b c", "d e <think> f g", "<think> h", "i j k <think>"]
+SEEDS = range(1, 6)
+BAD = [
+    b'{"prefix_prompt": "a", ',
+    b'{"prefix_prompt": "a", "max_tokens": -4}',
+    b'{"prefix_prompt": "a", "response_num": 0}',
+    b'{"prefix_prompt": "\xff\xfe"}',
+    b'{"prefix_prompt": ["a"]}',
+]
+FLAGS = [
+    "--max_batch_rows=16",
+    "--row_buckets=1,4,16",
+    "--max_response_num=4",
+    "--max_delay_ms=20",
+    "--warmup_temperature=0.8",
+    "--warmup_max_tokens=8",
+]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    s = Server(tiny_model, *FLAGS, log=tmp_path_factory.mktemp("serve_load") / "server.log")
+    yield s
+    s.stop_gracefully()
+
+
+def body(prompt, seed, n):
+    return {"prefix_prompt": prompt, "max_tokens": 8, "response_num": n, "seed": seed}
+
+
+def hang_up(port, payload: bytes, times: int) -> None:
+    """Sends (part of) a request and closes the connection without reading the answer."""
+    for _ in range(times):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(payload)
+
+
+def test_load(server):
+    combos = list(itertools.product(PROMPTS, SEEDS, (1, 2)))
+    url = server.url + "/generate"
+    # Every good request alone first: the expected answers.
+    expect = {c: requests.post(url, json=body(*c), timeout=120).json()["results"] for c in combos}
+    assert all(len(v) == c[2] for c, v in expect.items())
+    before = server.stats()
+
+    outcomes: list[tuple[str, bool, str]] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        rng = random.Random(i)
+        with requests.Session() as session:
+            for j in range(REQUESTS):
+                if (i + j) % 4 == 3:
+                    r = session.post(url, data=BAD[(i + j) % len(BAD)], timeout=120)
+                    ok = r.status_code == 400 and "error" in r.json()
+                    kind = "bad"
+                else:
+                    c = rng.choice(combos)
+                    r = session.post(url, json=body(*c), timeout=120)
+                    ok = r.status_code == 200 and r.json()["results"] == expect[c]
+                    kind = "good"
+                with lock:
+                    outcomes.append((kind, ok, r.text[:200]))
+
+    whole = json.dumps(body(PROMPTS[0], 1, 4)).encode()
+    request = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    full = request + f"Content-Length: {len(whole)}\r\n\r\n".encode() + whole
+    partial = request + f"Content-Length: {len(whole) + 50}\r\n\r\n".encode() + whole
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    threads += [
+        threading.Thread(target=hang_up, args=(server.port, full, 5)),
+        threading.Thread(target=hang_up, args=(server.port, partial, 5)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert len(outcomes) == CLIENTS * REQUESTS
+    failed = [o for o in outcomes if not o[1]]
+    assert not failed, failed[:5]
+    assert sum(kind == "bad" for kind, _, _ in outcomes) == 40
+
+    after = server.stats()
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    assert server.proc.poll() is None
+    assert after["compiles"] == before["compiles"], "the load compiled a new program"
+    # Batching happened: fewer device calls than requests.
+    assert after["batches"] - before["batches"] < 120
+    assert after["rss_mb"] - before["rss_mb"] < 64, (before, after)
