@@ -32,14 +32,23 @@ import jax
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from msjax.generate.tts import best_of_n
 from msjax.serve.backend import Row, row_id
-from msjax.serve.batcher import Batcher, QueueFull, ShuttingDown
+from msjax.serve.batcher import BackendError, Batcher, QueueFull, ShuttingDown
 from msjax.serve.schema import ApiError, parse_generate, parse_score
 
 log = logging.getLogger("msjax.serve")
 _POLL_S = 0.5  # how often a waiting handler checks that its client is still connected
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body; ApiError 499 when the client hangs up before sending all of it."""
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise ApiError("the client disconnected before sending the whole body.", 499) from None
 
 
 class CompileCounter:
@@ -142,15 +151,15 @@ def create_app(
                         return error(499, "the client disconnected.")
         except ShuttingDown as e:
             return error(503, str(e))
-        except Exception as e:  # the device call failed: logged by the batcher
-            return error(500, f"{kind} failed: {type(e).__name__}: {e}")
+        except BackendError as e:  # logged by the batcher
+            return error(500, str(e))
         finally:
             batcher.cancel(job)
 
     @app.post("/generate")
     async def generate(request: Request):
         try:
-            req = parse_generate(await request.body(), max_response_num)
+            req = parse_generate(await read_body(request), max_response_num)
             prompt = tuple(tokenizer.encode(req.prefix_prompt))
             if not prompt:
                 raise ApiError("'prefix_prompt' encodes to no tokens.")
@@ -161,6 +170,7 @@ def create_app(
                     f"{backend.max_prompt_tokens()} prompt tokens)."
                 )
         except ApiError as e:
+            request.state.info = e.message
             return error(e.status, e.message)
         seed = secrets.randbits(63) if req.seed is None else req.seed
         penalty = req.repetition_penalty or repetition_penalty
@@ -185,7 +195,7 @@ def create_app(
     @app.post("/score")
     async def score(request: Request):
         try:
-            req = parse_score(await request.body())
+            req = parse_score(await read_body(request))
             ids = tokenizer.encode(req.text)
             if len(ids) > backend.context:
                 raise ApiError(
@@ -193,6 +203,7 @@ def create_app(
                     f"{backend.context} positions."
                 )
         except ApiError as e:
+            request.state.info = e.message
             return error(e.status, e.message)
         results = await run(request, "score", [ids])
         if isinstance(results, JSONResponse):

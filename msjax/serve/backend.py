@@ -194,13 +194,17 @@ class SamplerBackend:
             raise ValueError(f"generate() takes up to {self.max_batch_rows} rows of one group.")
         group = groups.pop()
         ids = [r.row_id for r in rows]
-        if len(set(ids)) != len(ids):  # the same seed twice in one batch: split it
+        if len(set(ids)) != len(ids):  # the same seed and index twice in one batch: split it
             seen: set[int] = set()
-            first = [r for r in rows if not (r.row_id in seen or seen.add(r.row_id))]
-            rest = [r for r in rows if r not in first] if len(first) < len(rows) else []
-            done = dict(zip(map(id, first), self.generate(first), strict=True))
-            later = iter(self.generate(rest))
-            return [done[id(r)] if id(r) in done else next(later) for r in rows]
+            parts: tuple[list[int], list[int]] = ([], [])
+            for i, r in enumerate(rows):
+                parts[r.row_id in seen].append(i)
+                seen.add(r.row_id)
+            out: list[Sample | None] = [None] * len(rows)
+            for part in parts:
+                for i, sample in zip(part, self.generate([rows[i] for i in part]), strict=True):
+                    out[i] = sample
+            return out
         fill = self.batch_rows(len(rows)) - len(rows)
         taken = set(ids)
         spare = list(itertools.islice((i for i in itertools.count() if i not in taken), fill))

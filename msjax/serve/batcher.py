@@ -34,6 +34,10 @@ class ShuttingDown(Exception):
     """The server stopped before the job finished."""
 
 
+class BackendError(Exception):
+    """The device call that held the job failed (the message names the original error)."""
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     """One request's work: kind "generate" (items: backend Rows) or "score" (items: one id list);
@@ -215,10 +219,11 @@ class Batcher:
             results = call(items)
         except Exception as e:  # a failed call fails its jobs; the server keeps serving
             log.exception("%s call of %d rows failed", kind, len(batch))
+            error = BackendError(f"{kind} failed: {type(e).__name__}: {e}")
             with self._cond:
                 for job in {job for job, _ in batch}:
                     self._jobs.discard(job)
-                    job.fail(e)
+                    job.fail(error)
             return
         with self._cond:
             self.stats.batches += 1

@@ -1,9 +1,10 @@
 """The tiny reflective model the serving tests start `msjax-serve` on (one server per module,
-see server_process.py)."""
+started by `start_server`)."""
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 from tiny_hf import build_hf  # noqa: E402
+
+from msjax.serve.process import ServerProcess  # noqa: E402
 
 SPECIAL = ["<pad>", "<eos>", "<think>", "</think>", ".\n\n"]
 WORDS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -42,3 +45,22 @@ def tiny_model(tmp_path_factory) -> Path:
     build_hf(path, hidden=32, heads=4, kv_heads=2, intermediate=48, vocab=VOCAB, seed=5)
     write_tokenizer(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def start_server(tiny_model, tmp_path_factory):
+    """start(*flags) -> a warm ServerProcess on the tiny model; at the end of the module each is
+    stopped with SIGTERM and must exit by itself, cleanly (uvicorn re-raises SIGTERM once done)."""
+    started = []
+
+    def start(*flags: str) -> ServerProcess:
+        log = tmp_path_factory.mktemp("serve") / "server.log"
+        started.append(ServerProcess(tiny_model, *flags, log=log))
+        return started[-1]
+
+    yield start
+    for server in started:
+        code = server.stop()
+        log = server.log_tail(100_000)
+        assert code == -signal.SIGTERM and "Application shutdown complete" in log, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +19,6 @@ from msjax.hf import load_hf
 from msjax.scoring import score_texts
 from msjax.tokenizer import Tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_process import Server  # noqa: E402
-
 FLAGS = [
     "--max_batch_rows=8",
     "--row_buckets=1,8",
@@ -35,10 +30,8 @@ PROMPTS = ["<think> a b c", "d e <think> f g", "<think> h"]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    s = Server(tiny_model, *FLAGS, log=tmp_path_factory.mktemp("serve_api") / "server.log")
-    yield s
-    s.stop_gracefully()
+def server(start_server):
+    return start_server(*FLAGS)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from msjax.serve.batcher import Batcher, QueueFull, ShuttingDown
+from msjax.serve.batcher import BackendError, Batcher, QueueFull, ShuttingDown
 
 
 class FakeBackend:
@@ -158,8 +158,12 @@ def test_a_failed_call_fails_its_requests_and_the_worker_goes_on():
     batcher.start()
 
     async def main():
-        with pytest.raises(TypeError):
+        with pytest.raises(BackendError, match="generate failed: TypeError"):
             await _run(batcher, "generate", [("a", None)])  # None * 10 fails in the backend
+        batcher.backend.generate = lambda rows: next(iter([]))  # StopIteration: still delivered
+        with pytest.raises(BackendError, match="StopIteration"):
+            await _run(batcher, "generate", [("a", 1)])
+        del batcher.backend.generate
         return await _run(batcher, "generate", [("a", 2)])
 
     assert [o.value for o in asyncio.run(main())] == [20]

@@ -9,15 +9,10 @@ import itertools
 import json
 import random
 import socket
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_process import Server  # noqa: E402
 
 CLIENTS, REQUESTS = 16, 10
 PROMPTS = ["<think> a b c", "d e <think> f g", "<think> h", "i j k <think>"]
@@ -40,10 +35,8 @@ FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    s = Server(tiny_model, *FLAGS, log=tmp_path_factory.mktemp("serve_load") / "server.log")
-    yield s
-    s.stop_gracefully()
+def server(start_server):
+    return start_server(*FLAGS)
 
 
 def body(prompt, seed, n):
