@@ -5,7 +5,8 @@ one-request-at-a-time design (the same server with --nobatching), on a CPU model
 
 The random Qwen2 of experiments/bench_model.py (hidden 256, 4 layers, vocab 2048, context 1024)
 is saved as a Hugging Face folder with a word-level tokenizer and a random SPRM head, and two
-servers are started on it: batching on (--max_batch_rows 16) and off. For C = 1, 4, 16 clients,
+servers are started on it: continuous batching over 16 slots, and --nobatching (the same server
+decoding one request at a time). For C = 1, 4, 16 clients,
 each client thread sends `--requests` /generate requests one after the other ({prefix_prompt: a
 random 16-word prompt, max_tokens, response_num 1, temperature 0.8, a random seed}); a round
 runs the C clients against one server, then against the other (interleaved round by round, so a
@@ -122,12 +123,7 @@ def percentile(xs: list[float], q: float) -> float:
 def main(argv):
     del argv
     rng = random.Random(FLAGS.seed)
-    common = [
-        "--max_batch_rows=16",
-        "--row_buckets=1,2,4,8,16",
-        "--warmup_temperature=0.8",
-        f"--warmup_max_tokens={FLAGS.max_tokens}",
-    ]
+    common = ["--max_batch_rows=16", f"--warmup_max_tokens={FLAGS.max_tokens}"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_model(tmp / "model", FLAGS.seed)

@@ -1,10 +1,9 @@
 """msjax-serve: the original MetaStone-S1 /generate and /score HTTP API on one msjax model.
 
-    msjax-serve --model DIR [--host 127.0.0.1] [--port 8000] [--max_batch_rows 32]
-        [--row_buckets 1,4,16,32] [--max_delay_ms 10] [--max_queue 256] [--request_timeout 600]
-        [--max_response_num 64] [--nobatching] [--dtype float32|bfloat16|auto] [--mesh D,F,T]
-        [--repetition_penalty 1.05] [--warmup_temperature 0.8] [--warmup_max_tokens 1024]
-        [--allow_untrained_head]
+    msjax-serve --model DIR [--host 127.0.0.1] [--port 8000] [--max_batch_rows 32] [--chunk 32]
+        [--max_len N] [--max_delay_ms 10] [--max_queue 256] [--request_timeout 600]
+        [--max_response_num 32] [--nobatching] [--dtype float32|bfloat16|auto] [--mesh D,F,T]
+        [--repetition_penalty 1.05] [--warmup_max_tokens 64] [--allow_untrained_head]
 
 DIR is a Hugging Face folder (with score_module.pt) or an msjax checkpoint, with tokenizer files.
 The original client takes a policy URL and a reward URL: point both at this server. Routes and
@@ -27,17 +26,26 @@ MODEL = define_flag("string", "model", None, "A Hugging Face folder or an msjax 
 HOST = define_flag("string", "host", "127.0.0.1", "Address to listen on.")
 PORT = define_flag("integer", "port", 8000, "Port to listen on.")
 MAX_BATCH_ROWS = define_flag(
-    "integer", "max_batch_rows", 32, "Most rows (samples or texts) in one compiled call."
+    "integer",
+    "max_batch_rows",
+    32,
+    "Decode slots (samples decoded together); texts per scoring call.",
 )
-ROW_BUCKETS = define_flag(
-    "string", "row_buckets", None, "Padded batch sizes, e.g. '1,4,16,32' (default: powers of 2)."
+CHUNK = define_flag("integer", "chunk", 32, "Decode steps between admissions of new requests.")
+MAX_LEN = define_flag(
+    "integer",
+    "max_len",
+    None,
+    "Tokens per slot, prompt + response (default: the context).",
 )
 MAX_DELAY_MS = define_flag(
-    "float", "max_delay_ms", 10.0, "Longest a queued request waits for later ones to batch with."
+    "float", "max_delay_ms", 10.0, "Longest a text to score waits for others to batch with."
 )
 MAX_QUEUE = define_flag("integer", "max_queue", 256, "Most queued requests (503 beyond).")
 TIMEOUT = define_flag("float", "request_timeout", 600.0, "Seconds before a request gets 504.")
-MAX_RESPONSE_NUM = define_flag("integer", "max_response_num", 64, "Largest response_num.")
+MAX_RESPONSE_NUM = define_flag(
+    "integer", "max_response_num", 32, "Largest response_num (at most --max_batch_rows)."
+)
 BATCHING = define_flag(
     "bool", "batching", True, "Batch concurrent requests (--nobatching: one request at a time)."
 )
@@ -49,13 +57,15 @@ DTYPE = define_flag(
     enum_values=["auto", "float32", "bfloat16"],
 )
 MESH = define_flag("string", "mesh", None, "Mesh sizes 'data,fsdp,tensor' (default: no mesh).")
-WARM_T = define_flag(
-    "float", "warmup_temperature", 0.8, "Warm-up compiles generation at this temperature."
-)
 PENALTY = define_flag(
     "float", "repetition_penalty", 1.05, "Default repetition penalty (the original's 1.05)."
 )
-WARM_N = define_flag("integer", "warmup_max_tokens", 1024, "... and this max_tokens.")
+WARM_N = define_flag(
+    "integer",
+    "warmup_max_tokens",
+    64,
+    "Tokens decoded at warm-up (the KV windows compiled).",
+)
 ALLOW_UNTRAINED = define_flag(
     "bool", "allow_untrained_head", False, "Serve even when the SPRM head is untrained."
 )
@@ -63,9 +73,7 @@ ALLOW_UNTRAINED = define_flag(
 log = logging.getLogger("msjax.serve")
 
 
-def _int_list(flag) -> list[int] | None:
-    if not flag.value:
-        return None
+def _int_list(flag) -> list[int]:
     try:
         return [int(x) for x in flag.value.split(",")]
     except ValueError as e:
@@ -75,10 +83,15 @@ def _int_list(flag) -> list[int] | None:
 def _check_flags() -> None:
     if not MODEL.value:
         raise app.UsageError("--model is required.")
-    for holder, lo in ((MAX_BATCH_ROWS, 1), (MAX_QUEUE, 1), (MAX_RESPONSE_NUM, 1), (WARM_N, 1)):
-        if holder.value < lo:
-            raise app.UsageError(f"--{holder.name}={holder.value} must be >= {lo}.")
-    for holder in (MAX_DELAY_MS, TIMEOUT, WARM_T):
+    for holder in (MAX_BATCH_ROWS, CHUNK, MAX_QUEUE, MAX_RESPONSE_NUM, WARM_N):
+        if holder.value < 1:
+            raise app.UsageError(f"--{holder.name}={holder.value} must be >= 1.")
+    if MAX_RESPONSE_NUM.value > MAX_BATCH_ROWS.value:
+        raise app.UsageError(
+            f"--max_response_num={MAX_RESPONSE_NUM.value} must be <= --max_batch_rows="
+            f"{MAX_BATCH_ROWS.value} (a request's samples decode together)."
+        )
+    for holder in (MAX_DELAY_MS, TIMEOUT):
         if not holder.value >= 0:
             raise app.UsageError(f"--{holder.name}={holder.value} must be >= 0.")
     if not PENALTY.value > 0:
@@ -92,7 +105,7 @@ def main(argv: list[str]) -> None:
     import uvicorn
 
     from msjax.serve.app import CompileCounter, create_app
-    from msjax.serve.backend import TOP_P, SamplerBackend, untrained_head
+    from msjax.serve.backend import TOP_P, EngineBackend, untrained_head
     from msjax.serve.batcher import Batcher
 
     if len(argv) > 1:
@@ -121,12 +134,13 @@ def main(argv: list[str]) -> None:
     start = time.perf_counter()
     model, cfg = checkpoint.load_any(MODEL.value, mesh, dtype=DTYPE.value or "float32")
     try:
-        backend = SamplerBackend(
+        backend = EngineBackend(
             model,
             cfg,
             tokenizer,
-            max_batch_rows=MAX_BATCH_ROWS.value,
-            row_buckets=_int_list(ROW_BUCKETS),
+            slots=MAX_BATCH_ROWS.value,
+            chunk=CHUNK.value,
+            max_len=MAX_LEN.value,
             mesh=mesh,
         )
     except ValueError as e:
@@ -142,13 +156,18 @@ def main(argv: list[str]) -> None:
         time.perf_counter() - start,
         "" if why is None else f" (UNTRAINED HEAD: {why})",
     )
+    engine = backend.engine
     log.info(
-        "mesh %s; batch rows %s; prompt buckets %s; decode lengths: powers of 2 from 16; "
-        "batching %s, max delay %.0f ms, queue %d, timeout %.0f s",
+        "mesh %s; continuous batching over %d slots of %d tokens, chunks of %d steps, KV "
+        "windows %s, prompt buckets %s; %s, score batches wait <= %.0f ms; queue %d, "
+        "timeout %.0f s",
         "none (one device)" if mesh is None else dict(mesh.shape),
-        backend.row_buckets,
-        backend.prompt_buckets,
-        "on" if BATCHING.value else "OFF (one request at a time)",
+        engine.slots,
+        engine.max_len,
+        engine.chunk,
+        engine.windows,
+        tuple(b for b in engine.config.prompt_buckets if b < engine.max_len),
+        "batching on" if BATCHING.value else "batching OFF (one request at a time)",
         MAX_DELAY_MS.value,
         MAX_QUEUE.value,
         TIMEOUT.value,
@@ -161,13 +180,13 @@ def main(argv: list[str]) -> None:
 
     def warmup() -> None:
         t0, n0 = time.perf_counter(), compiles.count
-        backend.warmup(WARM_T.value, WARM_N.value, PENALTY.value)
+        backend.warmup(WARM_N.value)
         log.info(
-            "warm: %d programs compiled in %.1f s (generation at temperature %g, max_tokens "
-            "%d; scoring); serving on http://%s:%d",
+            "warm: %d programs compiled in %.1f s (admission of 1..%d requests, decoding "
+            "%d tokens, scoring); serving on http://%s:%d",
             compiles.count - n0,
             time.perf_counter() - t0,
-            WARM_T.value,
+            engine.slots,
             WARM_N.value,
             HOST.value,
             PORT.value,

@@ -10,7 +10,7 @@ Routes (REFERENCE section 5 for the original fields):
   POST /score {text, return_all_scores=false} -> {"value"} or {"value", "all_scores",
       "token_ids", "score_positions"}.
   GET /health -> 200 {"status": "ok", ...} once warm, 503 before.
-  GET /stats -> counters: responses, batches, rows, tokens, compiles, queue, memory (RSS).
+  GET /stats -> counters: responses, device calls, generations, tokens, compiles, queue, memory.
 Every error is HTTP 4xx/5xx with {"error": message}: 400 bad input, 404/405 unknown route or
 method, 503 queue full / warming up / shutting down, 504 past --request_timeout.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -35,7 +36,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from msjax.generate.tts import best_of_n
-from msjax.serve.backend import Row, row_id
+from msjax.serve.backend import Generation
 from msjax.serve.batcher import BackendError, Batcher, QueueFull, ShuttingDown
 from msjax.serve.schema import ApiError, parse_generate, parse_score
 
@@ -127,12 +128,12 @@ def create_app(
         )
         return response
 
-    async def run(request: Request, kind: str, items: list[Any]) -> list[Any] | JSONResponse:
+    async def run(request: Request, kind: str, item: Any) -> Any:
         """Queues the work and waits for it (timeout, client gone and queue full handled)."""
         if not batcher.ready.is_set():
             return error(503, "the server is warming up; retry when GET /health answers 200.")
         try:
-            job = batcher.submit(kind, items)
+            job = batcher.submit(kind, item)
         except QueueFull as e:
             return error(503, f"{e}; retry later.")
         except ShuttingDown as e:
@@ -172,17 +173,20 @@ def create_app(
         except ApiError as e:
             request.state.info = e.message
             return error(e.status, e.message)
-        seed = secrets.randbits(63) if req.seed is None else req.seed
-        penalty = req.repetition_penalty or repetition_penalty
-        rows = [
-            Row(prompt, req.max_tokens, req.temperature, row_id(seed, j), req.stop, penalty)
-            for j in range(req.response_num)
-        ]
-        samples = await run(request, "generate", rows)
+        gen = Generation(
+            prompt=prompt,
+            n=req.response_num,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            seed=secrets.randbits(64) if req.seed is None else req.seed,
+            stop=req.stop,
+            repetition_penalty=req.repetition_penalty or repetition_penalty,
+        )
+        samples = await run(request, "generate", gen)
         if isinstance(samples, JSONResponse):
             return samples
         generated = sum(len(s.tokens) for s in samples)
-        request.state.info = f"prompt {len(prompt)} tok, {len(rows)} responses, {generated} tok"
+        request.state.info = f"prompt {len(prompt)} tok, {gen.n} responses, {generated} tok"
         out: dict[str, Any] = {"results": [s.text for s in samples]}
         if req.return_scores:
             out["scores"] = [s.score for s in samples]
@@ -205,10 +209,9 @@ def create_app(
         except ApiError as e:
             request.state.info = e.message
             return error(e.status, e.message)
-        results = await run(request, "score", [ids])
-        if isinstance(results, JSONResponse):
-            return results
-        (r,) = results
+        r = await run(request, "score", ids)
+        if isinstance(r, JSONResponse):
+            return r
         request.state.info = f"text {len(ids)} tok, {len(r['step_scores'])} steps"
         if not req.return_all_scores:
             return {"value": r["value"]}
@@ -229,14 +232,10 @@ def create_app(
 
     @app.get("/stats")
     async def stats():
-        s = batcher.stats
         return {
             "warm": batcher.ready.is_set(),
             "queued": batcher.queued(),
-            "batches": s.batches,
-            "rows": s.rows,
-            "tokens_generated": s.tokens_generated,
-            "busy_s": s.busy_s,
+            **dataclasses.asdict(batcher.stats),
             "compiles": None if compiles is None else compiles.count,
             "rss_mb": rss_mb(),
             "peak_rss_mb": peak_rss_mb(),

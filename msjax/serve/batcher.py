@@ -1,14 +1,16 @@
 """The queue between the HTTP handlers (asyncio) and the device (one worker thread).
 
-Each request becomes a `Job`: its generation rows (one per sample) or its one text to score. The
-worker takes the oldest waiting entry, waits at most `max_delay_s` after that entry arrived for
-more work of the same kind (`backend.group` for generation rows), and runs up to
-`backend.max_batch_rows` entries as one compiled call; a job's future resolves once all its
-entries are done. With `batching=False` each call holds the rows of one request only (the
-original servers' one-request-at-a-time design; the benchmark's baseline).
+A request becomes a `Job`: one generation (`backend.add`) or one text to score. The worker loop:
+admit every waiting generation into the backend's continuous-batching engine (it joins the
+decode at the next chunk boundary), run one decode chunk while the engine is busy, and score the
+waiting texts in batches of up to `backend.max_batch_rows`, waiting at most `max_delay_s` after
+the oldest text arrived for others to batch with. A job's future resolves when its work is done.
+With `batching=False` one request runs at a time, alone (the original servers' design; the
+benchmark's baseline).
 
 The queue holds at most `max_queue` unfinished jobs (`QueueFull` beyond: HTTP 503). A cancelled
-job (timeout, client gone) drops its waiting entries. `stop()` fails every unfinished job.
+job (timeout, client gone) leaves the queue; if it was already decoding, its result is dropped.
+`stop()` fails every unfinished job.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import itertools
 import logging
 import threading
 import time
@@ -40,22 +41,14 @@ class BackendError(Exception):
 
 @dataclasses.dataclass(eq=False)
 class Job:
-    """One request's work: kind "generate" (items: backend Rows) or "score" (items: one id list);
-    groups[i]: entries with equal groups can share a call."""
+    """One request: kind "generate" (item: a backend Generation) or "score" (item: token ids)."""
 
     kind: str
-    items: list[Any]
-    groups: list[Any]
+    item: Any
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     arrived: float = dataclasses.field(default_factory=time.monotonic)
-    results: list[Any] = dataclasses.field(default_factory=list)
-    left: int = 0
     cancelled: bool = False
-
-    def __post_init__(self):
-        self.results = [None] * len(self.items)
-        self.left = len(self.items)
 
     def _settle(self, fn: Callable, value: Any) -> None:
         def apply():
@@ -64,34 +57,32 @@ class Job:
 
         self.loop.call_soon_threadsafe(apply)
 
-    def deliver(self, index: int, result: Any) -> None:
-        self.results[index] = result
-        self.left -= 1
-        if self.left == 0:
-            self._settle(self.future.set_result, self.results)
+    def deliver(self, result: Any) -> None:
+        self._settle(self.future.set_result, result)
 
-    def fail(self, error: BaseException) -> None:
-        self.left = 0
+    def fail(self, error: Exception) -> None:
         self._settle(self.future.set_exception, error)
 
 
 @dataclasses.dataclass
 class Stats:
-    """Counters the /stats route reports."""
+    """Counters the /stats route reports: device calls (decode chunks and scoring calls),
+    generations and texts run, tokens generated, seconds spent in device calls."""
 
-    batches: int = 0
-    rows: int = 0
+    calls: int = 0
+    generations: int = 0
+    texts_scored: int = 0
     tokens_generated: int = 0
     busy_s: float = 0.0
 
 
 class Batcher:
-    """Batches queued jobs into backend calls on one worker thread.
+    """Feeds queued jobs to the backend from one worker thread.
 
     Args:
-      backend: a `SamplerBackend` (generate, score, group, max_batch_rows).
-      max_delay_s: longest wait for later work once an entry is queued.
-      max_queue: most unfinished jobs. batching: False = one request per call.
+      backend: an `EngineBackend` (add, step, busy, reset, score, max_batch_rows).
+      max_delay_s: longest a text to score waits for others to batch with.
+      max_queue: most unfinished jobs. batching: False = one request at a time.
       warmup: called on the worker thread before serving (compiles); `ready` is set after it.
     """
 
@@ -110,39 +101,35 @@ class Batcher:
         self.batching = batching
         self.stats = Stats()
         self.ready = threading.Event()
+        self.error: BaseException | None = None
         self._warmup = warmup
-        self._entries: collections.deque[tuple[Job, int]] = collections.deque()
-        self._jobs: set[Job] = set()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._jobs: set[Job] = set()  # unfinished: waiting or in the backend
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="msjax-serve-device", daemon=True)
-        self.error: BaseException | None = None
 
     # ----------------------------------------------------------------------------- asyncio side
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, kind: str, items: list[Any]) -> Job:
+    def submit(self, kind: str, item: Any) -> Job:
         """Queues a job (call on the event loop); QueueFull / ShuttingDown when refused."""
         loop = asyncio.get_running_loop()
-        if kind == "generate":
-            groups = [("generate", self.backend.group(row)) for row in items]
-        else:
-            groups = [("score",)] * len(items)
-        job = Job(kind, items, groups, loop.create_future(), loop)
+        job = Job(kind, item, loop.create_future(), loop)
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
             if len(self._jobs) >= self.max_queue:
                 raise QueueFull(f"the queue holds {len(self._jobs)} requests (--max_queue)")
             self._jobs.add(job)
-            self._entries.extend((job, i) for i in range(len(items)))
+            self._waiting.append(job)
             self._cond.notify()
         return job
 
     def cancel(self, job: Job) -> None:
-        """Drops a job's waiting entries (its running ones finish and are discarded)."""
+        """Forgets a job: dropped if still waiting, its result dropped if already running."""
         with self._cond:
             job.cancelled = True
             self._jobs.discard(job)
@@ -158,7 +145,7 @@ class Batcher:
             for job in self._jobs:
                 job.fail(ShuttingDown("the server shut down before this request finished"))
             self._jobs.clear()
-            self._entries.clear()
+            self._waiting.clear()
             self._cond.notify()
         self._thread.join(timeout_s)
 
@@ -173,66 +160,93 @@ class Batcher:
             self.error = e
             return
         self.ready.set()
+        running: dict[int, Job] = {}  # id(job) -> job, for the generations in the backend
         while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self._execute(batch)
-
-    def _next_batch(self) -> list[tuple[Job, int]] | None:
-        with self._cond:
-            while True:
-                self._drop_cancelled()
-                if self._stopping:
-                    return None
-                if not self._entries:
-                    self._cond.wait()
-                    continue
-                first = self._entries[0]
-                wait = first[0].arrived + self.max_delay_s - time.monotonic()
-                batch = self._compatible(*first)
-                if wait <= 0 or len(batch) >= self.backend.max_batch_rows or not self.batching:
-                    for entry in batch:
-                        self._entries.remove(entry)
-                    return batch
-                self._cond.wait(wait)
-
-    def _drop_cancelled(self) -> None:
-        if any(job.cancelled for job, _ in self._entries):
-            self._entries = collections.deque(e for e in self._entries if not e[0].cancelled)
-
-    def _compatible(self, first: Job, index: int) -> list[tuple[Job, int]]:
-        """The entries that can run with the oldest one, oldest first, up to max_batch_rows."""
-        if self.batching:
-            group = first.groups[index]
-            fits = (e for e in self._entries if e[0].groups[e[1]] == group)
-        else:
-            fits = (e for e in self._entries if e[0] is first)
-        return list(itertools.islice(fits, self.backend.max_batch_rows))
-
-    def _execute(self, batch: list[tuple[Job, int]]) -> None:
-        start = time.monotonic()
-        kind = batch[0][0].kind
-        items = [job.items[i] for job, i in batch]
-        try:
-            call = self.backend.generate if kind == "generate" else self.backend.score
-            results = call(items)
-        except Exception as e:  # a failed call fails its jobs; the server keeps serving
-            log.exception("%s call of %d rows failed", kind, len(batch))
-            error = BackendError(f"{kind} failed: {type(e).__name__}: {e}")
             with self._cond:
-                for job in {job for job, _ in batch}:
+                work = self._take(busy=bool(running))
+            if work is None:
+                return
+            generations, texts = work
+            for job in generations:
+                running[id(job)] = job
+                self._call(lambda job=job: self.backend.add(id(job), job.item), [job], running)
+            if texts:
+                self._score(texts)
+            if running:
+                self._step(running)
+
+    def _take(self, busy: bool) -> tuple[list[Job], list[Job]] | None:
+        """(generations to admit, texts to score now); waits while there is nothing to do."""
+        while True:
+            while self._waiting and self._waiting[0].cancelled:
+                self._waiting.popleft()
+            if self._stopping:
+                return None
+            waiting = [j for j in self._waiting if not j.cancelled]
+            if not self.batching:
+                if busy:
+                    return [], []
+                if waiting:
+                    first = self._waiting.popleft()
+                    return ([first], []) if first.kind == "generate" else ([], [first])
+                self._cond.wait()
+                continue
+            generations = [j for j in waiting if j.kind == "generate"]
+            texts = [j for j in waiting if j.kind == "score"][: self.backend.max_batch_rows]
+            wait = None
+            if texts:
+                wait = texts[0].arrived + self.max_delay_s - time.monotonic()
+                if wait > 0 and len(texts) < self.backend.max_batch_rows:
+                    texts = []  # not yet: wait for company (decoding goes on meanwhile)
+            if generations or texts or busy:
+                taken = {id(j) for j in generations + texts}
+                self._waiting = collections.deque(j for j in waiting if id(j) not in taken)
+                return generations, texts
+            self._cond.wait(wait)
+
+    def _call(self, fn: Callable[[], Any], jobs: list[Job], running: dict[int, Job]) -> Any:
+        """fn(); on failure, fails `jobs` (the server goes on) and returns None."""
+        start = time.monotonic()
+        try:
+            return fn()
+        except Exception as e:
+            log.exception("a device call for %d requests failed", len(jobs))
+            error = BackendError(f"{jobs[0].kind} failed: {type(e).__name__}: {e}")
+            with self._cond:
+                for job in jobs:
+                    running.pop(id(job), None)
                     self._jobs.discard(job)
                     job.fail(error)
+            return None
+        finally:
+            self.stats.busy_s += time.monotonic() - start
+
+    def _step(self, running: dict[int, Job]) -> None:
+        def step():
+            try:
+                return self.backend.step()
+            except Exception:
+                self.backend.reset()  # the engine's state is unknown: start afresh
+                raise
+
+        done = self._call(step, list(running.values()), running)
+        self.stats.calls += 1
+        with self._cond:
+            for key, samples in done or []:
+                job = running.pop(key)
+                self.stats.generations += 1
+                self.stats.tokens_generated += sum(len(s.tokens) for s in samples)
+                if not job.cancelled:
+                    self._jobs.discard(job)
+                    job.deliver(samples)
+
+    def _score(self, texts: list[Job]) -> None:
+        results = self._call(lambda: self.backend.score([j.item for j in texts]), texts, {})
+        self.stats.calls += 1
+        if results is None:
             return
         with self._cond:
-            self.stats.batches += 1
-            self.stats.rows += len(batch)
-            self.stats.busy_s += time.monotonic() - start
-            if kind == "generate":
-                self.stats.tokens_generated += sum(len(r.tokens) for r in results)
-            for (job, i), result in zip(batch, results, strict=True):
-                if job.left > 0:
-                    job.deliver(i, result)
-                    if job.left == 0:
-                        self._jobs.discard(job)
+            self.stats.texts_scored += len(texts)
+            for job, result in zip(texts, results, strict=True):
+                self._jobs.discard(job)
+                job.deliver(result)

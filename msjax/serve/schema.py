@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 MODES = {"low": 2, "medium": 8, "high": 32}
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**64 - 1
 
 
 class ApiError(Exception):
