@@ -2,7 +2,7 @@
 
     msjax-serve --model DIR [--host 127.0.0.1] [--port 8000] [--max_batch_rows 32] [--chunk 32]
         [--max_len N] [--max_delay_ms 10] [--max_queue 256] [--request_timeout 600]
-        [--max_response_num 32] [--nobatching] [--dtype float32|bfloat16|auto] [--mesh D,F,T]
+        [--max_response_num R] [--nobatching] [--dtype float32|bfloat16|auto] [--mesh D,F,T]
         [--repetition_penalty 1.05] [--warmup_max_tokens 64] [--allow_untrained_head]
 
 DIR is a Hugging Face folder (with score_module.pt) or an msjax checkpoint, with tokenizer files.
@@ -44,7 +44,7 @@ MAX_DELAY_MS = define_flag(
 MAX_QUEUE = define_flag("integer", "max_queue", 256, "Most queued requests (503 beyond).")
 TIMEOUT = define_flag("float", "request_timeout", 600.0, "Seconds before a request gets 504.")
 MAX_RESPONSE_NUM = define_flag(
-    "integer", "max_response_num", 32, "Largest response_num (at most --max_batch_rows)."
+    "integer", "max_response_num", None, "Largest response_num (default: --max_batch_rows)."
 )
 BATCHING = define_flag(
     "bool", "batching", True, "Batch concurrent requests (--nobatching: one request at a time)."
@@ -80,13 +80,17 @@ def _int_list(flag) -> list[int]:
         raise app.UsageError(f"--{flag.name}={flag.value!r} must be comma-separated ints.") from e
 
 
+def max_response_num() -> int:
+    return MAX_RESPONSE_NUM.value or MAX_BATCH_ROWS.value
+
+
 def _check_flags() -> None:
     if not MODEL.value:
         raise app.UsageError("--model is required.")
     for holder in (MAX_BATCH_ROWS, CHUNK, MAX_QUEUE, MAX_RESPONSE_NUM, WARM_N):
-        if holder.value < 1:
+        if holder.value is not None and holder.value < 1:
             raise app.UsageError(f"--{holder.name}={holder.value} must be >= 1.")
-    if MAX_RESPONSE_NUM.value > MAX_BATCH_ROWS.value:
+    if max_response_num() > MAX_BATCH_ROWS.value:
         raise app.UsageError(
             f"--max_response_num={MAX_RESPONSE_NUM.value} must be <= --max_batch_rows="
             f"{MAX_BATCH_ROWS.value} (a request's samples decode together)."
@@ -203,7 +207,7 @@ def main(argv: list[str]) -> None:
         backend,
         batcher,
         request_timeout_s=TIMEOUT.value,
-        max_response_num=MAX_RESPONSE_NUM.value,
+        max_response_num=max_response_num(),
         repetition_penalty=PENALTY.value,
         model_name=str(MODEL.value),
         compiles=compiles,
