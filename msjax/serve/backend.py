@@ -207,19 +207,18 @@ class EngineBackend:
     def warmup(self, max_tokens: int) -> None:
         """Compiles what short requests use: admitting 1, 2, 4, ... slots of short prompts,
         decoding over the KV windows that `max_tokens` reaches, and scoring 1, 2, 4, ...
-        short texts."""
+        short texts. A fresh engine state compiles `admit` once more than a used one, hence
+        the first round of one request."""
         prompt = (self.tokenizer.eos_id,)
-        count = 1
-        while True:
+        counts = [1]
+        while counts[-1] < self.max_batch_rows:
+            counts.append(min(2 * counts[-1], self.max_batch_rows))
+        for count in [1, *counts]:
             for i in range(count):
-                gen = Generation(prompt, 1, max_tokens, 0.8, i)
-                self.add(("warmup", i), gen)
+                self.add(("warmup", i), Generation(prompt, 1, max_tokens, 0.8, i))
             while self.busy:
                 self.step()
             self.score([list(prompt)] * count)
-            if count >= self.max_batch_rows:
-                return
-            count = min(2 * count, self.max_batch_rows)
 
 
 class _PreTokenized:
