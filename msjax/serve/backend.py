@@ -129,7 +129,8 @@ class EngineBackend:
                 n=gen.n,
                 id=key,
                 key=seed_key(gen.seed),
-                max_new_tokens=gen.max_tokens,
+                # The engine stops at the context anyway; clamped, no buffer is sized by it.
+                max_new_tokens=min(gen.max_tokens, self.context - len(gen.prompt)),
                 temperature=gen.temperature,
                 repetition_penalty=gen.repetition_penalty,
                 stop_sequences=stops,
