@@ -5,8 +5,9 @@ one-request-at-a-time design (the same server with --nobatching), on a CPU model
 
 The random Qwen2 of experiments/bench_model.py (hidden 256, 4 layers, vocab 2048, context 1024)
 is saved as a Hugging Face folder with a word-level tokenizer and a random SPRM head, and two
-servers are started on it: continuous batching over 16 slots, and --nobatching (the same server
-decoding one request at a time). For C = 1, 4, 16 clients,
+servers are started on it: continuous batching over 16 slots, and the original's design, the
+same server with --nobatching --max_batch_rows 1 (one request, one row at a time; with 16 idle
+slots it would pay for rows it does not use). For C = 1, 4, 16 clients,
 each client thread sends `--requests` /generate requests one after the other ({prefix_prompt: a
 random 16-word prompt, max_tokens, response_num 1, temperature 0.8, a random seed}); a round
 runs the C clients against one server, then against the other (interleaved round by round, so a
@@ -123,15 +124,17 @@ def percentile(xs: list[float], q: float) -> float:
 def main(argv):
     del argv
     rng = random.Random(FLAGS.seed)
-    common = ["--max_batch_rows=16", f"--warmup_max_tokens={FLAGS.max_tokens}"]
+    warm = f"--warmup_max_tokens={FLAGS.max_tokens}"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_model(tmp / "model", FLAGS.seed)
         servers = {
             "one_at_a_time": ServerProcess(
-                tmp / "model", *common, "--nobatching", log=tmp / "off.log"
+                tmp / "model", warm, "--nobatching", "--max_batch_rows=1", log=tmp / "off.log"
             ),
-            "batched": ServerProcess(tmp / "model", *common, log=tmp / "on.log"),
+            "batched": ServerProcess(
+                tmp / "model", warm, "--max_batch_rows=16", log=tmp / "on.log"
+            ),
         }
         try:
             compiles = {k: s.stats()["compiles"] for k, s in servers.items()}
