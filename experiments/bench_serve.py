@@ -42,6 +42,7 @@ flags.DEFINE_integer("rounds", 3, "Timed rounds per (clients, server).")
 flags.DEFINE_integer("requests", 4, "Requests per client per round.")
 flags.DEFINE_integer("max_tokens", 64, "max_tokens of every request.")
 flags.DEFINE_list("clients", ["1", "4", "16"], "Concurrent clients.")
+flags.DEFINE_integer("chunk", 32, "The batched server's --chunk (decode steps between admissions).")
 flags.DEFINE_integer("seed", 0, "Seed for the weights, prompts and request seeds.")
 
 WORDS = [f"w{i}" for i in range(MODEL["vocab_size"] - 3)]
@@ -133,7 +134,11 @@ def main(argv):
                 tmp / "model", warm, "--nobatching", "--max_batch_rows=1", log=tmp / "off.log"
             ),
             "batched": ServerProcess(
-                tmp / "model", warm, "--max_batch_rows=16", log=tmp / "on.log"
+                tmp / "model",
+                warm,
+                "--max_batch_rows=16",
+                f"--chunk={FLAGS.chunk}",
+                log=tmp / "on.log",
             ),
         }
         try:
@@ -167,6 +172,7 @@ def main(argv):
                 s.stop()
     out = {
         "model": MODEL,
+        "chunk": FLAGS.chunk,
         "max_tokens": FLAGS.max_tokens,
         "requests_per_client": FLAGS.requests,
         "rounds": FLAGS.rounds,

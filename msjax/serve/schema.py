@@ -13,7 +13,8 @@ import json
 import math
 from typing import Any
 
-MODES = {"low": 2, "medium": 8, "high": 32}
+from msjax.generate.tts import MODES
+
 MAX_SEED = 2**64 - 1
 
 
