@@ -25,6 +25,7 @@ CORE = [
     "matplotlib>=3.9",
 ]
 HF = ["torch==2.13.0", "transformers>=4.51"]
+SERVE = ["fastapi>=0.115", "uvicorn>=0.30"]
 
 setup(
     name="msjax",
@@ -38,7 +39,9 @@ setup(
     extras_require={
         # torch + transformers: reading score_module.pt, parity tests, benchmarks.
         "hf": HF,
-        "test": HF + ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.8"],
+        # msjax-serve: the original /generate and /score HTTP API.
+        "serve": SERVE,
+        "test": HF + SERVE + ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.8", "requests>=2.32"],
         # libtpu: run on TPU VMs, and AOT-compile for TPU topologies on a CPU host.
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         "gpu": ["jax[cuda12]>=0.10,<0.11"],
@@ -50,6 +53,7 @@ setup(
             "msjax-infer=msjax.cli.infer:run",
             "msjax-train=msjax.cli.train:run",
             "msjax-aot=msjax.cli.aot:run",
+            "msjax-serve=msjax.cli.serve:run",
         ]
     },
 )

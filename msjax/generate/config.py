@@ -32,6 +32,9 @@ class SamplerConfig:
     temperature: 0 = greedy (argmax); > 0 = sample from softmax(logits / temperature).
     top_p: nucleus sampling mass in (0, 1]; top_k: keep the k most likely tokens (0 = off).
       Order: temperature, then top-k, then top-p (as transformers' logits warpers).
+    repetition_penalty: vLLM's rule, applied before the above: the logit of a token already in
+      the prompt or the output is divided by it when positive, multiplied when negative (> 0;
+      1 = off). Log-probs stay those of the unpenalised logits.
     eos_ids: tokens that end a response (kept in the response, finish reason "eos").
     stop_sequences: token-id tuples; a response ends (finish reason "stop") once its GENERATED
       tokens end with one of them (the stop tokens are kept in the response).
@@ -48,6 +51,7 @@ class SamplerConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    repetition_penalty: float = 1.0
     eos_ids: tuple[int, ...] = ()
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     pad_id: int = 0
@@ -90,6 +94,11 @@ class SamplerConfig:
             )
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"SamplerConfig.top_k={self.top_k!r} must be an int >= 0 (0 = off).")
+        if not self.repetition_penalty > 0:
+            raise ValueError(
+                f"SamplerConfig.repetition_penalty={self.repetition_penalty} must be > 0 "
+                "(1 = off; the original's evaluation uses 1.05)."
+            )
         if self.pad_id < 0:
             raise ValueError(f"SamplerConfig.pad_id={self.pad_id} must be a token id >= 0.")
         if not self.prompt_buckets or self.prompt_buckets[0] < 1:

@@ -19,7 +19,13 @@ from msjax import sharding as sh
 from msjax.generate import steps as st
 from msjax.generate.config import EOS, LENGTH, PRUNED, RUNNING, STOP, SamplerConfig
 from msjax.generate.pruning import prune_decision
-from msjax.generate.sampling import row_keys, sample_next
+from msjax.generate.sampling import (
+    apply_repetition_penalty,
+    mark_seen,
+    row_keys,
+    sample_next,
+    token_logprob,
+)
 from msjax.models.config import ModelConfig
 from msjax.models.kv_cache import CACHE_AXES, KVCache
 
@@ -36,7 +42,8 @@ class DecodeState:
     step: int32[] tokens generated so far; done: bool[rows]; finish: int32[rows] reason codes;
     length: int32[rows]; tokens: int32[rows, N]; logprobs: f32[rows, N]; recent: int32[rows, W]
     last W generated tokens (stop-sequence window); keys: uint32[rows, 2] per-row key data;
-    steps: streaming step bookkeeping.
+    steps: streaming step bookkeeping; seen: bool[rows, vocab] tokens in the prompt or output
+    (None without a repetition penalty).
     """
 
     cache: KVCache
@@ -52,6 +59,7 @@ class DecodeState:
     recent: jax.Array
     keys: jax.Array
     steps: st.StepState
+    seen: jax.Array | None
 
 
 def _repeat(x: jax.Array, n: int, axis: int) -> jax.Array:
@@ -140,7 +148,11 @@ class DecodeProgram:
                 c.think_start_id,
                 c.think_end_id,
             ),
+            seen=None,
         )
+        if c.repetition_penalty != 1.0:
+            seen = jnp.zeros((rows, cfg.vocab_size), bool)
+            state = dataclasses.replace(state, seen=mark_seen(seen, row_prompt, row_valid))
         state = self._constrain(state)
         hidden = take(out.penultimate[:, -1])
         state = self._constrain(self._advance(model, state, take(logits), hidden))
@@ -153,7 +165,18 @@ class DecodeProgram:
         i = s.step
         live = ~s.done
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(jax.random.wrap_key_data(s.keys), i)
-        y, logp = sample_next(logits, keys, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k)
+        seen = s.seen
+        if seen is None:
+            y, logp = sample_next(
+                logits, keys, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k
+            )
+        else:
+            penalised = apply_repetition_penalty(logits, seen, c.repetition_penalty)
+            y, _ = sample_next(
+                penalised, keys, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k
+            )
+            logp = token_logprob(logits, y, c.temperature)
+            seen = mark_seen(seen, y[:, None], live[:, None])
         y = jnp.where(live, y, c.pad_id)
         logp = jnp.where(live, logp, 0.0)
         steps = s.steps
@@ -192,6 +215,7 @@ class DecodeProgram:
             logprobs=jax.lax.dynamic_update_slice(s.logprobs, logp[:, None], (0, i)),
             recent=recent,
             steps=steps,
+            seen=seen,
         )
         if c.prune is not None:
             s = jax.lax.cond((i + 1) % c.prune.every == 0, self._prune, lambda s: s, s)

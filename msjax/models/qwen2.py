@@ -69,9 +69,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class AttentionMask:
     """What a query may attend to.
 
-    key_valid: bool[batch, keys] marks real (non-padding) key slots; q_offset: int32[] is the key
-    slot of the first query (0 without a cache, the cache write index with one). Query i may
-    attend key j iff j <= q_offset + i and key_valid[j].
+    key_valid: bool[batch, keys] marks real (non-padding) key slots; q_offset: int32[] (or
+    int32[batch], one per row) is the key slot of the first query (0 without a cache, the cache
+    write index with one). Query i may attend key j iff j <= q_offset + i and key_valid[j].
     """
 
     key_valid: jax.Array
@@ -80,9 +80,9 @@ class AttentionMask:
     def block(self, q_start, q_len: int) -> jax.Array:
         """bool[batch, 1, 1, q_len, keys] for queries q_start .. q_start + q_len - 1."""
         keys = self.key_valid.shape[1]
-        q_idx = self.q_offset + q_start + jnp.arange(q_len)
-        causal = jnp.arange(keys)[None, :] <= q_idx[:, None]
-        return (causal[None] & self.key_valid[:, None, :])[:, None, None]
+        q_idx = jnp.reshape(self.q_offset, (-1, 1)) + q_start + jnp.arange(q_len)  # [1|b, q]
+        causal = jnp.arange(keys)[None, None, :] <= q_idx[:, :, None]
+        return (causal & self.key_valid[:, None, :])[:, None, None]
 
 
 def _attend(q, k, v, allowed, scale):
@@ -318,7 +318,9 @@ class Qwen2(nnx.Module):
           key_valid: bool[batch, keys] real key slots (keys = seq without a cache, the cache
             length with one); None = all valid.
           cache: optional KVCache; this call's keys/values are written at `cache_index`.
-          cache_index: int32[] write index into the cache (required with a cache).
+          cache_index: int32[] write index into the cache (required with a cache), or int32[batch]
+            one per row (the continuous engine's slots; writes past the cache's end are
+            dropped).
         Returns:
           (hidden [batch, seq, embed] after the final norm, penultimate [batch, seq, embed]
           = input of the last layer, updated KVCache or None).
@@ -365,12 +367,20 @@ class Qwen2(nnx.Module):
 
 
 def _cache_writer(cache: KVCache, layer, index):
-    """A `kv_write` that stores k/v of `layer` at slot `index` of the whole-stack cache in place."""
+    """A `kv_write` that stores k/v of `layer` at slot `index` (int32[] or int32[batch]) of the
+    whole-stack cache in place."""
 
     def write(k, v):
-        start = (layer, 0, index, 0, 0)
-        ck = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start)
-        cv = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start)
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        if jnp.ndim(index) == 0:
+            start = (layer, 0, index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(cache.k, k[None], start)
+            cv = jax.lax.dynamic_update_slice(cache.v, v[None], start)
+        else:
+            rows = jnp.arange(k.shape[0])[:, None]
+            cols = index[:, None] + jnp.arange(k.shape[1])[None, :]
+            ck = cache.k.at[layer, rows, cols].set(k, mode="drop")
+            cv = cache.v.at[layer, rows, cols].set(v, mode="drop")
         return ck[layer], cv[layer], KVCache(ck, cv)
 
     return write
