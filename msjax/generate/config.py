@@ -43,8 +43,6 @@ class SamplerConfig:
     prompt_buckets: allowed padded prompt lengths (ascending); the smallest that fits is used.
     score_steps: stream SPRM step scores while decoding (False: scores are all 0).
     prune: optional `PruneRule` (SPRM-guided early pruning within each prompt's n samples).
-    repetition_penalty: vLLM's rule (> 0; 1 = off). Only the field and its check live here so
-      far: the decode loop does not apply it yet (issue 13).
     """
 
     max_new_tokens: int = 256
@@ -61,7 +59,6 @@ class SamplerConfig:
     prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
     score_steps: bool = True
     prune: PruneRule | None = None
-    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -88,10 +85,6 @@ class SamplerConfig:
             )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplerConfig.top_p={self.top_p} must be in (0, 1].")
-        if not self.repetition_penalty > 0:
-            raise ValueError(
-                f"SamplerConfig.repetition_penalty={self.repetition_penalty} must be > 0 (1 = off)."
-            )
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"SamplerConfig.top_k={self.top_k!r} must be an int >= 0 (0 = off).")
         if not self.repetition_penalty > 0:
