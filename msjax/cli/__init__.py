@@ -14,12 +14,19 @@ from absl import flags
 
 def define_flag(kind: str, name: str, default: Any, help_text: str, **kwargs: Any):
     """`flags.DEFINE_<kind>(name, default, help_text, **kwargs)` unless `name` is already defined,
-    in which case the existing flag is returned (its first definition's default and help win).
+    in which case the existing flag is returned (its first definition's help wins). Two
+    definitions with different defaults raise ValueError: the second CLI would get the first's.
 
     kind: "string", "integer", "float", "bool", "enum", ... Returns a FlagHolder.
     """
     if name in flags.FLAGS:
-        return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+        existing = flags.FLAGS[name]
+        if existing.default != default:
+            raise ValueError(
+                f"--{name} is defined twice with different defaults ({existing.default!r} and "
+                f"{default!r}): one process would silently use the first; give one a new name."
+            )
+        return flags.FlagHolder(flags.FLAGS, existing)
     return getattr(flags, f"DEFINE_{kind}")(name=name, default=default, help=help_text, **kwargs)
 
 

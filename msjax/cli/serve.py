@@ -3,7 +3,7 @@
     msjax-serve --model DIR [--host 127.0.0.1] [--port 8000] [--max_batch_rows 32] [--chunk 32]
         [--max_len N] [--max_delay_ms 10] [--max_queue 256] [--request_timeout 600]
         [--max_response_num R] [--nobatching] [--dtype float32|bfloat16|auto] [--mesh D,F,T]
-        [--repetition_penalty 1.05] [--warmup_max_tokens 64] [--allow_untrained_head]
+        [--default_repetition_penalty 1.05] [--warmup_max_tokens 64] [--allow_untrained_head]
 
 DIR is a Hugging Face folder (with score_module.pt) or an msjax checkpoint, with tokenizer files.
 The original client takes a policy URL and a reward URL: point both at this server. Routes and
@@ -58,7 +58,7 @@ DTYPE = define_flag(
 )
 MESH = define_flag("string", "mesh", None, "Mesh sizes 'data,fsdp,tensor' (default: no mesh).")
 PENALTY = define_flag(
-    "float", "repetition_penalty", 1.05, "Default repetition penalty (the original's 1.05)."
+    "float", "default_repetition_penalty", 1.05, "Default repetition penalty (the original's 1.05)."
 )
 WARM_N = define_flag(
     "integer",
@@ -99,7 +99,7 @@ def _check_flags() -> None:
         if not holder.value >= 0:
             raise app.UsageError(f"--{holder.name}={holder.value} must be >= 0.")
     if not PENALTY.value > 0:
-        raise app.UsageError(f"--repetition_penalty={PENALTY.value} must be > 0 (1 = off).")
+        raise app.UsageError(f"--default_repetition_penalty={PENALTY.value} must be > 0 (1 = off).")
     if not 0 < PORT.value < 65536:
         raise app.UsageError(f"--port={PORT.value} must be a TCP port (1-65535).")
 

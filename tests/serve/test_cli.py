@@ -34,7 +34,10 @@ def test_bad_flags(tmp_path):
         ([f"--model={tmp_path}", "--max_batch_rows=0"], "--max_batch_rows=0 must be >= 1"),
         ([f"--model={tmp_path}", "--max_batch_rows=8", "--max_response_num=9"], "must be <="),
         ([f"--model={tmp_path}", "--port=70000"], "--port=70000"),
-        ([f"--model={tmp_path}", "--repetition_penalty=0"], "--repetition_penalty=0"),
+        (
+            [f"--model={tmp_path}", "--default_repetition_penalty=0"],
+            "--default_repetition_penalty=0",
+        ),
         ([f"--model={tmp_path}", "--request_timeout=-1"], "--request_timeout=-1.0"),
     ]:
         with pytest.raises(app.UsageError, match=message):
