@@ -14,6 +14,7 @@ from msjax.rl.optimizer import OptimizerConfig, make_optimizer
 from msjax.rl.train_step import (
     LossConfig,
     init_train_state,
+    make_logprob_fn,
     make_train_step,
     train_state_shardings,
 )
@@ -206,3 +207,31 @@ def test_bad_loss_config_is_rejected():
         LossConfig(spr_threshold=1.0)
     with pytest.raises(ValueError, match="aggregation"):
         LossConfig(aggregation="sum")
+
+
+def test_recomputed_old_logprobs_give_ratio_one_in_bf16():
+    """Old log-probs from make_logprob_fn (the train step's own forward): every token's PPO ratio
+    is 1 within 1e-6 on the first update, in bf16 compute. With clip_eps = 1e-6 a token is
+    clipped only when its ratio is off by more (A > 0: r > 1 + eps; A < 0: r < 1 - eps), so
+    clip_frac = 0 for both signs of the advantages bounds every token. Old log-probs of an fp32
+    forward (what a differently-rounded sampler gives) fail the same check."""
+    cfg = CFG.replace(dtype="bfloat16")
+    lc = LossConfig(logprob_chunk=5, num_microbatches=2, clip_eps=1e-6)
+    tx = make_optimizer(OptimizerConfig())
+    graphdef, _ = fresh_state(cfg, tx)
+    batch = make_batch(4)
+    seq = (batch["tokens"], batch["positions"], batch["valid"])
+    step = make_train_step(graphdef, tx, lc)
+
+    def clip_fracs(old_logp):
+        out = []
+        for sign in (1.0, -1.0):
+            b = dict(batch, old_logp=old_logp, advantages=jnp.full((B,), sign))
+            _, m = step(fresh_state(cfg, tx)[1], b)
+            out.append(float(m["pg_clip_frac"]))
+        return out
+
+    params = fresh_state(cfg, tx)[1].params
+    assert clip_fracs(make_logprob_fn(graphdef, lc)(params, *seq)) == [0.0, 0.0]
+    graphdef32 = nnx.split(create_model(CFG))[0]
+    assert max(clip_fracs(make_logprob_fn(graphdef32, lc)(params, *seq))) > 0.05

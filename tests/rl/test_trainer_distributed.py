@@ -127,3 +127,44 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
     # Logs too: the resume message appears in process 0's output only.
     assert "Resumed" in (logs / "run2-p0.log").read_text()
     assert "Resumed" not in (logs / "run2-p1.log").read_text()
+
+
+def _rewards_printed(log: Path) -> dict[int, str]:
+    return {
+        int(line.split()[1]): line.split()[2]
+        for line in log.read_text().splitlines()
+        if line.startswith("rewards ")
+    }
+
+
+def test_a_reward_timeout_on_one_process_does_not_split_the_rewards(tmp_path):
+    """Process 1's verifier times out on an item (it scores 0 there, not on process 0): both
+    processes still train on the same rewards, since each row is verified by one process and
+    the verdicts are gathered. A process whose gathered rewards differ anyway (corrupted here)
+    stops the run on every process with RewardMismatchError before anything trains on them."""
+    cache, logs = tmp_path / "jax_cache", tmp_path / "logs"
+    logs.mkdir()
+    timeout = _distributed(
+        tmp_path / "timeout", 1, cache, logs, "timeout", "--reward_timeout_process", "1"
+    )
+    corrupt = _distributed(
+        tmp_path / "corrupt", 1, cache, logs, "corrupt", "--corrupt_rewards_process", "1"
+    )
+    _wait(timeout, [logs / "timeout-p0.log", logs / "timeout-p1.log"])
+    deadline = time.monotonic() + PHASE_TIMEOUT_S
+    while time.monotonic() < deadline and any(p.poll() is None for p in corrupt):
+        time.sleep(0.5)
+    for p in corrupt:
+        if p.poll() is None:  # hung: fail below with its log
+            p.kill()
+            p.wait()
+
+    seen = [_rewards_printed(logs / f"timeout-p{pid}.log") for pid in range(2)]
+    assert seen[0] == seen[1] and list(seen[0]) == [1]
+    rewards = [float(r) for r in seen[0][1].split(",")]
+    assert 0 < sum(rewards) < len(rewards)  # the stand-in reward gives both verdicts
+    for pid, p in enumerate(corrupt):
+        text = (logs / f"corrupt-p{pid}.log").read_text()
+        assert p.returncode != 0, text[-2000:]
+        assert "RewardMismatchError" in text and "process(es) [1]" in text, text[-2000:]
+    assert ckpt.latest_step(tmp_path / "corrupt") is None
