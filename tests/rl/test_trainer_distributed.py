@@ -138,33 +138,28 @@ def _rewards_printed(log: Path) -> dict[int, str]:
 
 
 def test_a_reward_timeout_on_one_process_does_not_split_the_rewards(tmp_path):
-    """Process 1's verifier times out on an item (it scores 0 there, not on process 0): both
-    processes still train on the same rewards, since each row is verified by one process and
-    the verdicts are gathered. A process whose gathered rewards differ anyway (corrupted here)
-    stops the run on every process with RewardMismatchError before anything trains on them."""
+    """Step 1: process 1's verifier times out on an item (it scores 0 there, not on process 0);
+    both processes still train on the same rewards, since each row is verified by one process
+    and the verdicts are gathered. Step 2: process 1's gathered rewards differ anyway (corrupted
+    here): the run stops on every process with RewardMismatchError before training on them."""
     cache, logs = tmp_path / "jax_cache", tmp_path / "logs"
     logs.mkdir()
-    timeout = _distributed(
-        tmp_path / "timeout", 1, cache, logs, "timeout", "--reward_timeout_process", "1"
-    )
-    corrupt = _distributed(
-        tmp_path / "corrupt", 1, cache, logs, "corrupt", "--corrupt_rewards_process", "1"
-    )
-    _wait(timeout, [logs / "timeout-p0.log", logs / "timeout-p1.log"])
-    deadline = time.monotonic() + PHASE_TIMEOUT_S
-    while time.monotonic() < deadline and any(p.poll() is None for p in corrupt):
+    flags = ("--reward_timeout_process", "1", "--corrupt_rewards_process", "1", "--at", "2")
+    procs = _distributed(tmp_path / "run", 2, cache, logs, "run", *flags)
+    deadline = time.monotonic() + 2 * PHASE_TIMEOUT_S
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
         time.sleep(0.5)
-    for p in corrupt:
+    for p in procs:
         if p.poll() is None:  # hung: fail below with its log
             p.kill()
             p.wait()
 
-    seen = [_rewards_printed(logs / f"timeout-p{pid}.log") for pid in range(2)]
-    assert seen[0] == seen[1] and list(seen[0]) == [1]
+    texts = [(logs / f"run-p{pid}.log").read_text() for pid in range(2)]
+    seen = [_rewards_printed(logs / f"run-p{pid}.log") for pid in range(2)]
+    assert seen[0][1] == seen[1][1], texts[1][-2000:]
     rewards = [float(r) for r in seen[0][1].split(",")]
     assert 0 < sum(rewards) < len(rewards)  # the stand-in reward gives both verdicts
-    for pid, p in enumerate(corrupt):
-        text = (logs / f"corrupt-p{pid}.log").read_text()
-        assert p.returncode != 0, text[-2000:]
-        assert "RewardMismatchError" in text and "process(es) [1]" in text, text[-2000:]
-    assert ckpt.latest_step(tmp_path / "corrupt") is None
+    for p, text in zip(procs, texts, strict=True):
+        assert p.returncode not in (0, None) and "RewardMismatchError" in text, text[-2000:]
+        assert "RL step 2: the rewards or rollout texts of process(es) [1] differ" in text
+    assert ckpt.latest_step(tmp_path / "run") is None

@@ -8,7 +8,8 @@ Used by test_trainer.py to test exact resume after SIGKILL and a clean stop on S
 test_trainer_distributed.py as one process of a multi-process run (MSJAX_* variables set).
 --reward_timeout_process P replaces the outcome reward by a deterministic stand-in (1 for a
 response of even length) whose first reward-1 item "times out" (scores 0) on process P only;
---corrupt_rewards_process P changes one gathered reward on process P. Every process prints the
+--corrupt_rewards_process P changes one gathered reward on process P during RL step --at. Every
+process prints the
 rewards of each step ("rewards STEP r0,r1,...").
 """
 
@@ -85,7 +86,8 @@ def _patch_rewards(trainer, a) -> None:
 
         def corrupted(local):
             out = np.array(gather(local))
-            out[0] += 1.0
+            if trainer.rl_step + 1 == a.at:
+                out[0] += 1.0
             return out
 
         trainer._gather_rows = corrupted
