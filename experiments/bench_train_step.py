@@ -15,15 +15,18 @@ padding).
 - transformers: the bare loop `loss = cross_entropy(logits[:, :-1], tokens[:, 1:])` on every
   token, `loss.backward()`, `torch.optim.AdamW.step()`, `zero_grad()` (torch CPU, fp32).
 
-Compile time and one warm-up step per side are excluded; each side reports the median of `--runs`
-timed steps; tokens/s = batch * seq / step time. Both sides use the same number of CPU threads:
+Compile time and one warm-up step per side are excluded. The timed steps are interleaved: each of
+`--runs` rounds runs one msjax step, then one transformers step, so load on a shared host hits
+both sides alike. tokens/s and `ratio` come from the medians (the figure that decides);
+`ratio_of_min_times` from the fastest steps; tokens/s = batch * seq / step time. Both sides use
+the same number of CPU threads:
 `--threads N` pins the process to N of the cores it may use before either library starts its
 thread pool (XLA sizes its pool from that affinity; torch.set_num_threads(N)); the default is
 every such core. The CPU time per step (both threads together) is reported too.
 
 Other processes on a shared host distort the result, torch's multi-threaded steps most of all
 (its OpenMP threads spin at every barrier while one of them waits for a core). The 1-minute
-load average (os.getloadavg) is printed before and after each side: trust a run only when it
+load average (os.getloadavg) is printed before and after the timed rounds: trust a run only when it
 stays below about 0.5 per thread, or compare with --threads 1.
 """
 
@@ -51,7 +54,7 @@ from msjax.rl.train_step import LossConfig, init_train_state, make_train_step  #
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
-flags.DEFINE_integer("runs", 5, "Timed steps per side (the median is reported).")
+flags.DEFINE_integer("runs", 7, "Interleaved rounds of one timed step per side.")
 flags.DEFINE_integer("batch", 8, "Sequences per step.")
 flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
 flags.DEFINE_integer("prompt_len", 32, "Leading tokens of each sequence that are the prompt.")
@@ -74,15 +77,17 @@ def _use_threads(n: int) -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _timed(fn, runs: int) -> tuple[float, float, list[float]]:
-    """(median wall seconds, median CPU seconds, all wall times) of `runs` calls of fn."""
-    walls, cpus = [], []
+def _interleaved(fns: dict, runs: int) -> dict[str, tuple[list[float], list[float]]]:
+    """{name: (wall seconds, CPU seconds) of each call}: the functions run in turn, one call
+    each per round, `runs` rounds, so a slow phase of a shared host hits both sides alike."""
+    out = {name: ([], []) for name in fns}
     for _ in range(runs):
-        start, cpu = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - start)
-        cpus.append(time.process_time() - cpu)
-    return statistics.median(walls), statistics.median(cpus), walls
+        for name, fn in fns.items():
+            start, cpu = time.perf_counter(), time.process_time()
+            fn()
+            out[name][0].append(time.perf_counter() - start)
+            out[name][1].append(time.process_time() - cpu)
+    return out
 
 
 def _hf_model(seed: int, path: str):
@@ -162,27 +167,27 @@ def main(argv):
         holder[0], metrics = compiled(holder[0], batch)
         return float(jax.block_until_ready(metrics["loss"]))
 
-    msjax_step()  # warm-up
-    loads = [os.getloadavg()[0]]
-    t_msjax, cpu_msjax, msjax_times = _timed(msjax_step, FLAGS.runs)
-    loads.append(os.getloadavg()[0])
-
     hf_step = _hf_step(hf, host_batch["tokens"])
-    hf_step()  # warm-up
+    msjax_step()  # warm-up
+    hf_step()
+    loads = [os.getloadavg()[0]]
+    times = _interleaved({"msjax": msjax_step, "hf": hf_step}, FLAGS.runs)
     loads.append(os.getloadavg()[0])
-    t_hf, cpu_hf, hf_times = _timed(hf_step, FLAGS.runs)
-    loads.append(os.getloadavg()[0])
+    (msjax_times, msjax_cpu), (hf_times, hf_cpu) = times["msjax"], times["hf"]
+    t_msjax, t_hf = statistics.median(msjax_times), statistics.median(hf_times)
 
     tokens = b * t
     result = {
         "msjax_tokens_per_s": round(tokens / t_msjax, 1),
         "hf_tokens_per_s": round(tokens / t_hf, 1),
-        "ratio": round(t_hf / t_msjax, 3),
+        "ratio": round(t_hf / t_msjax, 3),  # of the medians: the figure that decides
+        "ratio_of_min_times": round(min(hf_times) / min(msjax_times), 3),
         "msjax_step_s": round(t_msjax, 4),
         "hf_step_s": round(t_hf, 4),
-        "ratio_of_min_times": round(min(hf_times) / min(msjax_times), 3),
-        "msjax_step_cpu_s": round(cpu_msjax, 4),
-        "hf_step_cpu_s": round(cpu_hf, 4),
+        "msjax_step_min_s": round(min(msjax_times), 4),
+        "hf_step_min_s": round(min(hf_times), 4),
+        "msjax_step_cpu_s": round(statistics.median(msjax_cpu), 4),
+        "hf_step_cpu_s": round(statistics.median(hf_cpu), 4),
         "msjax_step_times": [round(x, 4) for x in msjax_times],
         "hf_step_times": [round(x, 4) for x in hf_times],
         "msjax_trace_s": round(trace_s, 2),
@@ -194,7 +199,7 @@ def main(argv):
         "torch_threads": torch.get_num_threads(),
         "xla_cpu_threads": threads,
         "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
-        "loadavg_1m": [round(x, 2) for x in loads],  # before/after msjax, before/after HF
+        "loadavg_1m": [round(x, 2) for x in loads],  # before / after the timed rounds
         "versions": f"jax {jax.__version__}, torch {torch.__version__}",
     }
     if FLAGS.json:

@@ -10,7 +10,9 @@ The programs are the trainer's own (msjax.rl.trainer.Trainer) at their largest s
 padded to data.max_prompt_len, responses to rollout.max_new_tokens):
   train_step    one PPO mini-batch update of ppo_mini_batch x group_size sequences, micro-batched
                 inside (msjax.rl.train_step.make_train_step)
-  ref_logprobs  reference-policy log-probs of one micro-batch (only when loss.kl_coef > 0)
+  ref_logprobs  the log-prob forward of one mini-batch (micro-batched inside, no gradient): once
+                for the old log-probs (loss.old_logprobs="recompute") and once for the reference
+                policy's (loss.kl_coef > 0) per mini-batch
   prefill       the sampler's prompt pass for one call of rollout.max_rows_per_call sequences
   decode        the sampler's decode loop for that call (KV cache donated)
 
@@ -25,8 +27,9 @@ FLOPs (msjax.flops): `compiled.cost_analysis()` counts every loop body once, so 
 as `compiler_flops` (per device, for reference). The figures used are matmul FLOPs of the traced
 program with every loop multiplied by its trip count, for all devices together: `flops` is what
 executes (remat recomputation included); `model_flops` is the algorithm's own work, used for MFU:
-3 x the forward pass of the mini-batch (forward + backward) plus one forward for the exact SPR
-statistics pre-pass when the mini-batch is micro-batched. Decode is counted at its maximum (every
+3 x the forward pass of the mini-batch (forward + backward), plus one forward for the SPR
+statistics pre-pass of loss.spr_stats_scope="minibatch" when the mini-batch is micro-batched
+(none with the default "microbatch" scope). Decode is counted at its maximum (every
 row runs to max_new_tokens). MFU at a train-step time S: model_flops / (S x devices x peak).
 """
 
@@ -322,8 +325,9 @@ def plan(
     r, t = c.rollout, c.train
     n, seq = r.group_size, c.data.max_prompt_len + r.max_new_tokens
     mb_rows = t.ppo_mini_batch * n
-    micro_rows = mb_rows // loss_cfg.num_microbatches
     kl = bool(loss_cfg.kl_coef)
+    # Log-prob forwards per mini-batch: the old log-probs (recomputed) and the reference's.
+    logp_uses = int(kl) + int(loss_cfg.old_logprobs == "recompute")
     state_bytes, param_bytes = device_bytes(state), device_bytes(params)
     ref_bytes = param_bytes if kl else 0
     env = _Env(mesh, graphdef, cfg, loss_cfg, params, param_sh, seq)
@@ -334,10 +338,10 @@ def plan(
         rep = ProgramReport("train_step", calls, mb_rows * seq, resident_bytes=ref_bytes)
         env.train_step(rep, tx, state, state_sh, mb_rows)
         reports.append(rep)
-    if "ref_logprobs" in programs and kl:
-        calls = r.prompts_per_step * n // micro_rows
-        rep = ProgramReport("ref_logprobs", calls, micro_rows * seq, resident_bytes=state_bytes)
-        env.ref_logprobs(rep, micro_rows)
+    if "ref_logprobs" in programs and logp_uses:
+        calls = r.prompts_per_step // t.ppo_mini_batch * logp_uses
+        rep = ProgramReport("ref_logprobs", calls, mb_rows * seq, resident_bytes=state_bytes)
+        env.ref_logprobs(rep, mb_rows)
         reports.append(rep)
     if {"prefill", "decode"} & set(programs):
         per_call = r.max_rows_per_call // n or r.prompts_per_step

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from msjax import global_arrays
 from msjax import sharding as sh
 from msjax.models.reflective import ReflectiveModel
 from msjax.models.sprm import step_mask, trajectory_score
@@ -102,7 +103,7 @@ def score_texts(
     def put(x):
         if mesh is None:
             return jnp.asarray(x)
-        return jax.make_array_from_callback(x.shape, sh.batch_sharding(mesh), lambda i: x[i])
+        return global_arrays.to_global(x, sh.batch_sharding(mesh))
 
     results: list[dict[str, Any] | None] = [None] * len(ids)
     groups: dict[int, list[int]] = {}

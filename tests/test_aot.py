@@ -20,7 +20,7 @@ def test_tiny_recipe_fits_a_v5e_4(report):
     calls = {p.name: (p.calls, p.tokens) for p in report.programs}
     assert calls == {
         "train_step": (2, 8 * 112),
-        "ref_logprobs": (4, 4 * 112),
+        "ref_logprobs": (4, 8 * 112),  # old + reference log-probs of each mini-batch
         "prefill": (1, 4 * 64),
         "decode": (1, 16 * 48),
     }

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
+from msjax import global_arrays
 from msjax import sharding as sh
 from msjax.generate.config import FINISH_REASONS, SamplerConfig
 from msjax.generate.decode import DecodeProgram, decode, prefill
@@ -64,13 +64,7 @@ class SampleResult:
 
     def to_host(self) -> SampleResult:
         """The same result with NumPy arrays (gathered from every process when multi-host)."""
-
-        def get(x):
-            if isinstance(x, jax.Array) and not x.is_fully_addressable:
-                return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-            return np.asarray(x)
-
-        return jax.tree.map(get, self)
+        return jax.tree.map(global_arrays.to_host, self)
 
     def finish_reasons(self) -> list[str]:
         """Finish reason names per row: "eos", "stop", "length" or "pruned"."""
@@ -182,7 +176,7 @@ class Sampler:
         if self.mesh is None:
             return jnp.asarray(x)
         sharding = sh.batch_sharding(self.mesh, x.ndim)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        return global_arrays.to_global(x, sharding)
 
 
 def _threefry_key(key) -> jax.Array:

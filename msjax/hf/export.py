@@ -20,9 +20,9 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
+from msjax import global_arrays
 from msjax.hf.config import config_to_hf
 from msjax.hf.keys import backbone_specs, head_specs
 from msjax.hf.safetensors_folder import INDEX_NAME
@@ -71,12 +71,6 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
             shutil.copyfile(src / name, dst / name)
             copied.append(name)
     return copied
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 _take_layer = jax.jit(lambda stack, i: jax.lax.dynamic_index_in_dim(stack, i, 0, keepdims=False))
@@ -162,7 +156,7 @@ def save_hf(
         value = leaves[spec.path]
         if spec.layer is not None:
             value = _take_layer(value, spec.layer)
-        return np.ascontiguousarray(spec.to_hf(_to_host(value)).astype(cast))
+        return np.ascontiguousarray(spec.to_hf(global_arrays.to_host(value)).astype(cast))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = (

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from msjax import global_arrays
 from msjax.hf.config import config_from_hf, read_config_json, source_dtype
 from msjax.hf.keys import TensorSpec, backbone_specs, head_specs
 from msjax.hf.safetensors_folder import SafetensorsFolder
@@ -140,7 +141,7 @@ def _head_init(cfg: ModelConfig, shardings: tuple):
 
 def place(host: np.ndarray, sharding) -> jax.Array:
     """A host array onto `sharding`; each device receives only its own shard."""
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+    return global_arrays.to_global(host, sharding)
 
 
 class StatePlacer:

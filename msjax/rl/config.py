@@ -91,6 +91,10 @@ def default_config() -> ml_collections.ConfigDict:
             # Sequences per sampler call (whole groups; bounds the KV cache, which holds
             # rows x (prompt + response) slots); 0 = all prompts_per_step x group_size at once.
             max_rows_per_call=0,
+            # Training widths of the responses: max_new_tokens / 2^i, i < response_buckets; a
+            # rollout batch trains at the smallest that holds its longest response (one compile
+            # of the train step per width); 1 = always max_new_tokens.
+            response_buckets=4,
         )
     )
     # The outcome reward (msjax.rewards.outcome): name "math" | "official" (the original's
@@ -102,6 +106,10 @@ def default_config() -> ml_collections.ConfigDict:
             ppo_epochs=1,
             micro_batch_size=0,  # sequences per micro-batch; 0 = the whole mini-batch
             max_nonfinite_steps=3,  # stop after this many refused updates in a row
+            # The SPRM head's training settings (REFERENCE 1), applied whatever the start
+            # checkpoint saved: gradient scale into the backbone, dropout before its last layer.
+            head_grad_scale=1e-4,
+            head_dropout=0.5,
         )
     )
     c.loss = ml_collections.ConfigDict(_fields(LossConfig))
@@ -145,13 +153,46 @@ def large_model_config(architecture: dict, *, tensor: int = 1) -> ml_collections
     return c
 
 
+# Training-only settings: where config.train holds them, compared on resume with the run's own.
+HEAD_FIELDS = ("head_grad_scale", "head_dropout")
+
+
 def model_config(c: ml_collections.ConfigDict, base: ModelConfig | None = None) -> ModelConfig:
-    """The ModelConfig: `base` (from the init folder) or config.model, plus model_overrides."""
+    """The ModelConfig: `base` (from the init folder) or config.model, plus model_overrides and
+    the head's training settings of config.train (a start checkpoint's own are not used)."""
     cfg = base if base is not None else ModelConfig(**c.model.to_dict())
     overrides = {k: v for k, v in c.model_overrides.to_dict().items() if v}
     if overrides.get("dtype") and not overrides.get("param_dtype"):
         overrides["param_dtype"] = overrides["dtype"]
+    overrides.update({k: c.train[k] for k in HEAD_FIELDS})
     return cfg.replace(**overrides)
+
+
+def check_resume(
+    c: ml_collections.ConfigDict, saved: dict, saved_model: ModelConfig, where
+) -> None:
+    """Raises ValueError when a training-only setting of `c` differs from the run saved in
+    `where` (its config.json `saved` and model config `saved_model`): resuming would silently
+    change the objective half-way."""
+    now = model_config(c, saved_model)
+    diffs = [
+        (f"train.{k}", getattr(saved_model, k), getattr(now, k))
+        for k in HEAD_FIELDS
+        if getattr(saved_model, k) != getattr(now, k)
+    ]
+    loss = c.loss.to_dict()
+    diffs += [
+        (f"loss.{k}", v, loss[k])
+        for k, v in saved.get("loss", {}).items()
+        if k in loss and loss[k] != v
+    ]
+    if diffs:
+        lines = "; ".join(f"{n} was {old!r}, the config now gives {new!r}" for n, old, new in diffs)
+        flags = " ".join(f"--config.{n}={old!r}" for n, old, _ in diffs)
+        raise ValueError(
+            f"{where} was trained with other training settings: {lines}. Resume with {flags}, "
+            "or start a fresh workdir."
+        )
 
 
 def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
@@ -180,6 +221,7 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int = 1) -> None:
         "rollout.prompts_per_step": r.prompts_per_step,
         "rollout.group_size": r.group_size,
         "rollout.max_new_tokens": r.max_new_tokens,
+        "rollout.response_buckets": r.response_buckets,
         "train.ppo_mini_batch": t.ppo_mini_batch,
         "train.ppo_epochs": t.ppo_epochs,
         "train.max_nonfinite_steps": t.max_nonfinite_steps,

@@ -214,7 +214,7 @@ def _check_aggregation(aggregation: str) -> None:
         raise ValueError(f"unknown aggregation {aggregation!r}; use one of {AGGREGATIONS}")
 
 
-def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
     """num / den, and 0 where den == 0 (with zero gradients there)."""
     nonzero = den != 0
     return jnp.where(nonzero, num / jnp.where(nonzero, den, 1.0), 0.0)
@@ -255,9 +255,9 @@ def masked_aggregate(
     if normalizer is None:
         normalizer = aggregation_normalizer(m, aggregation)
     if aggregation == "token-mean":
-        return _safe_div(jnp.sum(xm), normalizer)
-    seq_means = _safe_div(jnp.sum(xm, axis=-1), jnp.sum(m, axis=-1))
-    return _safe_div(jnp.sum(seq_means), normalizer)
+        return safe_div(jnp.sum(xm), normalizer)
+    seq_means = safe_div(jnp.sum(xm, axis=-1), jnp.sum(m, axis=-1))
+    return safe_div(jnp.sum(seq_means), normalizer)
 
 
 # -------------------------------------------------------------------------------- losses

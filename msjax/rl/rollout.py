@@ -2,8 +2,9 @@
 
 A row is one sampled response; the samples of one prompt are contiguous (GRPO groups). Training
 sequences are the prompt, LEFT-padded to the prompt batch's bucket, followed by the response,
-right-padded to the sampler's max_new_tokens, so one compiled train step serves every step with
-the same prompt bucket.
+right-padded to the smallest of a few fixed widths (`response_widths`) that holds the batch's
+longest response, so the train step works on the lengths generated, not on max_new_tokens, and
+compiles at most once per (prompt bucket, response width).
 """
 
 from __future__ import annotations
@@ -12,6 +13,26 @@ import numpy as np
 
 from msjax.models.sprm import step_mask
 from msjax.rl import grpo
+
+
+def response_widths(max_new_tokens: int, count: int) -> tuple[int, ...]:
+    """The response widths a rollout batch is padded to: max_new_tokens / 2^i for i < count,
+    rounded up to a multiple of 8, smallest first (count = 1: always max_new_tokens)."""
+    if count < 1:
+        raise ValueError(f"rollout.response_buckets={count} must be >= 1.")
+    widths = {max_new_tokens}
+    for i in range(1, count):
+        widths.add(min(max_new_tokens, -(-max_new_tokens // (2**i * 8)) * 8))
+    return tuple(sorted(widths))
+
+
+def response_width(lengths: np.ndarray, widths: tuple[int, ...]) -> int:
+    """The smallest of `widths` that holds the longest of `lengths` (int[rows])."""
+    longest = int(np.max(lengths, initial=0))
+    fits = [w for w in widths if w >= longest]
+    if not fits:
+        raise ValueError(f"A response of {longest} tokens exceeds the widths {widths}.")
+    return fits[0]
 
 
 def sequence_arrays(

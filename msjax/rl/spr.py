@@ -40,7 +40,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from msjax.rl.grpo import safe_div
+
 VARIANTS = ("spr", "bce", "soft")
+# `spr_loss` metrics that are counts (additive over micro-batches); the others are fractions.
+COUNT_METRICS = ("pos_kept", "neg_kept", "n_steps")
 
 
 class SPRStats(NamedTuple):
@@ -144,11 +148,6 @@ def spr_batch_stats(
     return jax.lax.stop_gradient(SPRStats(pos, neg, jnp.sum(weight), jnp.sum(real)))
 
 
-def _safe_div(num, den):
-    nonzero = den != 0
-    return jnp.where(nonzero, num / jnp.where(nonzero, den, 1.0), 0.0)
-
-
 def spr_loss(
     step_logits: jax.Array,
     step_mask: jax.Array,
@@ -190,18 +189,18 @@ def spr_loss(
     bce = _bce_with_logits(s, y) * real
     weight_sum = jnp.sum(weight) if stats is None else stats.weight_sum
     if variant == "bce":
-        loss = _safe_div(jnp.sum(weight * bce), weight_sum)
+        loss = safe_div(jnp.sum(weight * bce), weight_sum)
     else:
         loss = jnp.sum(weight * bce) / (weight_sum + 1e-5)
     n_local = jnp.sum(real)
     n_total = n_local if stats is None else stats.n_steps
     agree = _agreement(jax.lax.stop_gradient(s), y, real, thr_logit)
     metrics = {
-        "kept_frac": _safe_div(jnp.sum(w), n_total),
-        "agree_frac": _safe_div(jnp.sum(agree), n_total),
+        "kept_frac": safe_div(jnp.sum(w), n_total),
+        "agree_frac": safe_div(jnp.sum(agree), n_total),
         "pos_kept": jnp.sum(w * y),
         "neg_kept": jnp.sum(w * (1.0 - y)),
-        "bce_mean": _safe_div(jnp.sum(jax.lax.stop_gradient(bce)), n_total),
+        "bce_mean": safe_div(jnp.sum(jax.lax.stop_gradient(bce)), n_total),
         "n_steps": n_local,
     }
     return loss, metrics
@@ -225,8 +224,8 @@ def score_gap_metrics(
     correct = (valid & (jnp.asarray(labels) > 0.5)).astype(jnp.float32)
     wrong = (valid & (jnp.asarray(labels) <= 0.5)).astype(jnp.float32)
     n_correct, n_wrong = jnp.sum(correct), jnp.sum(wrong)
-    score_correct = _safe_div(jnp.sum(jnp.where(correct > 0, scores, 0.0)), n_correct)
-    score_wrong = _safe_div(jnp.sum(jnp.where(wrong > 0, scores, 0.0)), n_wrong)
+    score_correct = safe_div(jnp.sum(jnp.where(correct > 0, scores, 0.0)), n_correct)
+    score_wrong = safe_div(jnp.sum(jnp.where(wrong > 0, scores, 0.0)), n_wrong)
     both = (n_correct > 0) & (n_wrong > 0)
     return {
         "score_correct": score_correct,

@@ -7,7 +7,7 @@ produces them; every per-token array is aligned with `tokens` (entry t is about 
     positions   int32[batch, seq]    RoPE positions (number of real tokens before t)
     valid       bool[batch, seq]     real tokens (not padding)
     loss_mask   bool[batch, seq]     response tokens whose log-prob is trained
-    old_logp    f32[batch, seq]      log-probs under the sampling policy (from the sampler)
+    old_logp    f32[batch, seq]      log-probs before the update (see LossConfig.old_logprobs)
     ref_logp    f32[batch, seq]      log-probs under the frozen reference (zeros when kl_coef=0)
     advantages  f32[batch]           GRPO advantages
     labels      f32[batch]           outcome labels (1 correct, 0 wrong) for the SPR loss
@@ -16,10 +16,20 @@ produces them; every per-token array is aligned with `tokens` (entry t is about 
     loss = spr_coef * L_SPR + L_pg - entropy_coef * entropy + kl_coef * KL
 
 Gradient accumulation runs k micro-batches in a `lax.scan` inside the jit. Micro-batch i takes
-rows i, i+k, i+2k, ... so every micro-batch stays spread over all data-parallel devices. All
-aggregates use full-batch normalisers, and the SPR class counts come from a forward pre-pass over
-the whole mini-batch (`spr_stats_scope="minibatch"`, exact, one extra forward when k > 1;
-"microbatch" counts per micro-batch instead), so k micro-batches equal one large batch.
+rows i, i+k, i+2k, ... so every micro-batch stays spread over all data-parallel devices. The
+policy terms use full-batch normalisers, so they equal one large batch whatever k.
+
+SPR class counts (`LossConfig.spr_stats_scope`):
+  "microbatch" (default) pos/neg are counted over each GLOBAL micro-batch (all data-parallel
+      shards together, +1 once), the micro-batch's loss divides by its own weight sum, and the
+      loss is the mean of the k micro-batch losses. No extra forward; the result depends on k but
+      not on the mesh. The original (REFERENCE 3) also counts per micro-batch, but each of its W
+      data-parallel workers adds its own +1 (so pos/neg carry +W) and divides by the weight sum
+      of its OWN rows; its gradient is the mean of the W local losses. msjax's rule is that
+      computation with W = 1: the same on any mesh.
+  "minibatch" exact batch-wide counts from a forward pre-pass over the whole mini-batch (one
+      extra backbone forward per update when k > 1; `msjax-aot` counts it in model FLOPs), so
+      k micro-batches equal one large batch. With k = 1 both scopes are the same computation.
 """
 
 from __future__ import annotations
@@ -49,6 +59,10 @@ BATCH_KEYS = (
     "labels",
     "step_mask",
 )
+# Where the PPO ratio's old log-probs come from: the train step's own forward over the rollout
+# batch before the first update (as the original), or the sampler's (no extra forward; in bf16
+# compute they differ from the train step's by the sampler's bf16 unembedding).
+OLD_LOGPROBS = ("recompute", "sampler")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +79,8 @@ class LossConfig:
     temperature: float = 1.0
     logprob_chunk: int = 1024
     num_microbatches: int = 1
-    spr_stats_scope: str = "minibatch"
+    spr_stats_scope: str = "microbatch"
+    old_logprobs: str = "recompute"
 
     def __post_init__(self):
         if self.aggregation not in grpo.AGGREGATIONS:
@@ -80,6 +95,10 @@ class LossConfig:
             raise ValueError(f"LossConfig.spr_threshold={self.spr_threshold} must be in (0, 1).")
         if self.spr_stats_scope not in ("minibatch", "microbatch"):
             raise ValueError("LossConfig.spr_stats_scope must be 'minibatch' or 'microbatch'.")
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ValueError(
+                f"LossConfig.old_logprobs={self.old_logprobs!r}; choose one of {OLD_LOGPROBS}."
+            )
         if self.num_microbatches < 1 or self.logprob_chunk < 1:
             raise ValueError("LossConfig.num_microbatches and logprob_chunk must be >= 1.")
         if self.temperature <= 0:
@@ -174,9 +193,12 @@ def _micro_losses(graphdef, params, mb, norms, spr_stats, cfg: LossConfig, dropo
         stats=spr_stats,
     )
     if spr_stats is None and cfg.num_microbatches > 1:
-        # Per-micro-batch statistics ("microbatch" scope): average the k local losses.
+        # Per-micro-batch statistics ("microbatch" scope): the loss and the fractions are the
+        # mean over the k micro-batches, the counts their sum.
         spr_loss = spr_loss / cfg.num_microbatches
-        spr_m = {k: v / cfg.num_microbatches for k, v in spr_m.items()}
+        spr_m = {
+            k: v if k in spr.COUNT_METRICS else v / cfg.num_microbatches for k, v in spr_m.items()
+        }
     total = cfg.spr_coef * spr_loss + pg - cfg.entropy_coef * entropy + cfg.kl_coef * kl
     traj = trajectory_score(f["step_logits_eval"], mb["step_mask"])
     rows = norms["rows"]
@@ -208,6 +230,94 @@ def _split_micro(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+def _prepare(batch: dict, rng: jax.Array, cfg: LossConfig):
+    """-> (full-batch normalisers, micro-batches [k, B/k, ...], row dropout keys [k, B/k, 2])."""
+    k = cfg.num_microbatches
+    b = batch["tokens"].shape[0]
+    if b % k:
+        raise ValueError(f"Batch of {b} rows does not split into {k} micro-batches.")
+    norms = {
+        "tokens": grpo.aggregation_normalizer(batch["loss_mask"], cfg.aggregation),
+        "rows": jnp.asarray(b, jnp.float32),
+    }
+    # One dropout key per ROW: the SPRM dropout masks do not depend on k or on the mesh.
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(b))
+    return norms, _split_micro(batch, k), _split_micro(row_keys, k)
+
+
+def _minibatch_spr_stats(graphdef, params, micro, keys, cfg: LossConfig):
+    """SPRStats of the whole mini-batch from a forward pre-pass over its micro-batches, or None
+    when the loss uses per-micro-batch statistics (one micro-batch, "microbatch" scope, no SPR)."""
+    k = cfg.num_microbatches
+    if k == 1 or cfg.spr_stats_scope != "minibatch" or not cfg.spr_coef:
+        return None
+
+    def pre(_, xs):
+        mb, key = xs
+        return None, _forward(graphdef, params, mb, cfg, key, with_logp=False)["step_logits"]
+
+    _, logits = jax.lax.scan(pre, None, (micro, keys))
+    flat = lambda x: x.reshape(-1, *x.shape[2:])
+    return spr.spr_batch_stats(
+        flat(logits),
+        flat(micro["step_mask"]),
+        flat(micro["labels"]),
+        variant=cfg.spr_variant,
+        threshold=cfg.spr_threshold,
+    )
+
+
+def _accumulate(grad_fn, params, micro, keys, k: int):
+    """Sum of `grad_fn(params, mb, key) -> ((loss, metrics), grads)` over the k micro-batches:
+    (f32 gradients like params, summed metrics)."""
+    if k == 1:
+        # One micro-batch: no accumulation scan (a smaller program that compiles faster;
+        # the same values, as 0 + x == x).
+        (_, metrics), grads = grad_fn(params, *jax.tree.map(lambda x: x[0], (micro, keys)))
+        return jax.tree.map(lambda g: g.astype(jnp.float32), grads), metrics
+
+    def body(carry, xs):
+        grads, metrics = carry
+        (_, m), g = grad_fn(params, *xs)
+        grads = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), grads, g)
+        return (grads, jax.tree.map(jnp.add, metrics, m)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    first = jax.tree.map(lambda x: x[0], (micro, keys))
+    metric_zeros = jax.tree.map(
+        jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, *first)[0][1])
+    )
+    (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), (micro, keys))
+    return grads, metrics
+
+
+def _guarded_update(state: TrainState, grads, tx, rng, finite) -> TrainState:
+    """The optimizer update, applied only when `finite` (else the state is kept as it was)."""
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    return TrainState(
+        state.step + finite.astype(jnp.int32),
+        keep(params, state.params),
+        keep(opt_state, state.opt_state),
+        rng,
+    )
+
+
+def _final_metrics(metrics: dict, norms: dict, grad_norms: dict, finite) -> dict:
+    """Summed micro-batch metrics -> the logged ones (score means, grad norms, skipped flag)."""
+    n_correct = metrics.pop("n_correct")
+    n_wrong = norms["rows"] - n_correct
+    metrics["score_correct"] = metrics.pop("score_sum_correct") / jnp.maximum(n_correct, 1)
+    metrics["score_wrong"] = metrics.pop("score_sum_wrong") / jnp.maximum(n_wrong, 1)
+    metrics["n_correct"] = n_correct
+    metrics["grad_norm"] = grad_norms["backbone"]
+    metrics["head_grad_norm"] = grad_norms.get("head", jnp.zeros(()))
+    metrics["update_skipped"] = (~finite).astype(jnp.float32)
+    return metrics
+
+
 def make_train_step(
     graphdef,
     tx: optax.GradientTransformation,
@@ -223,90 +333,22 @@ def make_train_step(
     `.trace(state, batch)` give the jax.stages objects for AOT compilation. Non-finite loss or
     gradients leave the state untouched (metrics["update_skipped"] = 1).
     """
-    k = cfg.num_microbatches
 
     def step_fn(state: TrainState, batch: dict):
-        batch = {key: batch[key] for key in BATCH_KEYS}
-        b = batch["tokens"].shape[0]
-        if b % k:
-            raise ValueError(f"Batch of {b} rows does not split into {k} micro-batches.")
         rng, step_rng = jax.random.split(state.rng)
-        norms = {
-            "tokens": grpo.aggregation_normalizer(batch["loss_mask"], cfg.aggregation),
-            "rows": jnp.asarray(b, jnp.float32),
-        }
-        # One dropout key per ROW: the SPRM dropout masks do not depend on k or on the mesh.
-        row_keys = jax.vmap(lambda i: jax.random.fold_in(step_rng, i))(jnp.arange(b))
-        micro = _split_micro(batch, k)
-        keys = _split_micro(row_keys, k)
-
-        spr_stats = None
-        if k > 1 and cfg.spr_stats_scope == "minibatch" and cfg.spr_coef:
-
-            def pre(_, xs):
-                mb, key = xs
-                f = _forward(graphdef, state.params, mb, cfg, key, with_logp=False)
-                return None, f["step_logits"]
-
-            _, logits = jax.lax.scan(pre, None, (micro, keys))
-            flat = lambda x: x.reshape(b, *x.shape[2:])
-            spr_stats = spr.spr_batch_stats(
-                flat(logits),
-                flat(micro["step_mask"]),
-                flat(micro["labels"]),
-                variant=cfg.spr_variant,
-                threshold=cfg.spr_threshold,
-            )
-
+        norms, micro, keys = _prepare({key: batch[key] for key in BATCH_KEYS}, step_rng, cfg)
+        spr_stats = _minibatch_spr_stats(graphdef, state.params, micro, keys, cfg)
         grad_fn = jax.value_and_grad(
             lambda p, mb, key: _micro_losses(graphdef, p, mb, norms, spr_stats, cfg, key),
             has_aux=True,
         )
-
-        if k == 1:
-            # One micro-batch: no accumulation scan (a smaller program that compiles faster;
-            # the same values, as 0 + x == x).
-            (_, metrics), grads = grad_fn(state.params, batch, row_keys)
-            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-        else:
-
-            def accumulate(carry, xs):
-                grads, metrics = carry
-                mb, key = xs
-                (_, m), g = grad_fn(state.params, mb, key)
-                grads = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), grads, g)
-                return (grads, jax.tree.map(jnp.add, metrics, m)), None
-
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            first = jax.tree.map(lambda x: x[0], (micro, keys))
-            metric_zeros = jax.tree.map(
-                jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.params, *first)[0][1])
-            )
-            (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), (micro, keys))
-
+        grads, metrics = _accumulate(grad_fn, state.params, micro, keys, cfg.num_microbatches)
         grad_norms = {g: optax.global_norm(grads[g]) for g in grads}
         finite = jnp.isfinite(metrics["loss"]) & jnp.all(
             jnp.stack([jnp.isfinite(n) for n in grad_norms.values()])
         )
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = TrainState(
-            state.step + finite.astype(jnp.int32),
-            keep(params, state.params),
-            keep(opt_state, state.opt_state),
-            rng,
-        )
-        n_correct = metrics.pop("n_correct")
-        n_wrong = norms["rows"] - n_correct
-        metrics["score_correct"] = metrics.pop("score_sum_correct") / jnp.maximum(n_correct, 1)
-        metrics["score_wrong"] = metrics.pop("score_sum_wrong") / jnp.maximum(n_wrong, 1)
-        metrics["n_correct"] = n_correct
-        metrics["grad_norm"] = grad_norms["backbone"]
-        metrics["head_grad_norm"] = grad_norms.get("head", jnp.zeros(()))
-        metrics["update_skipped"] = (~finite).astype(jnp.float32)
-        return new_state, metrics
+        new_state = _guarded_update(state, grads, tx, rng, finite)
+        return new_state, _final_metrics(metrics, norms, grad_norms, finite)
 
     if mesh is None:
         return jax.jit(step_fn, donate_argnums=0)
@@ -342,21 +384,24 @@ def _trace(jitted, mesh, state, batch):
 
 
 def make_logprob_fn(graphdef, cfg: LossConfig, *, mesh=None, param_shardings=None):
-    """Jitted `logp(params, tokens, positions, valid) -> f32[batch, seq]` (forward only, e.g.
-    reference log-probs); with a mesh it also has `.trace(...)` (same arguments; the
-    jax.stages.Traced gives the jaxpr and `.lower()` for AOT compilation)."""
+    """Jitted `logp(params, tokens, positions, valid) -> f32[batch, seq]`: the train step's own
+    forward (no gradient) over the same k micro-batches, e.g. the old log-probs before an update
+    (REFERENCE 4: recomputed by the actor) or the reference log-probs. Inputs and the result stay
+    on the devices, split over (data, fsdp); with a mesh it also has `.trace(...)` (same
+    arguments; the jax.stages.Traced gives the jaxpr and `.lower()` for AOT compilation)."""
+    k = cfg.num_microbatches
 
     def fn(params, tokens, positions, valid):
-        model = nnx.merge(graphdef, params)
-        out = model(tokens, positions, valid, compute_logits=False)
-        logp, _ = grpo.chunked_log_probs_and_entropy(
-            out.hidden[:, :-1],
-            model.backbone.unembedding(),
-            tokens[:, 1:],
-            cfg.logprob_chunk,
-            temperature=cfg.temperature,
-        )
-        return jnp.pad(logp, ((0, 0), (1, 0)))
+        batch = {"tokens": tokens, "positions": positions, "valid": valid}
+        b = tokens.shape[0]
+        if b % k:
+            raise ValueError(f"Batch of {b} rows does not split into {k} micro-batches.")
+
+        def body(_, mb):
+            return None, _forward(graphdef, params, mb, cfg, None, with_logp=True)["logp"]
+
+        _, logp = jax.lax.scan(body, None, _split_micro(batch, k))
+        return logp.swapaxes(0, 1).reshape(b, -1)  # [k, B/k, seq] -> rows i, i+k, ... back
 
     if mesh is None:
         return jax.jit(fn)

@@ -3,11 +3,16 @@
 One `Trainer.run()` loop step ("RL step"):
   1. the next batch of prompts from the grain pipeline (the same global batch on every process),
   2. `group_size` samples per prompt from the jitted sampler, called with the LIVE parameters
-     (old log-probs and SPRM trajectory scores come from it), in calls of at most
-     `rollout.max_rows_per_call` sequences (the KV cache holds one call's rows),
-  3. outcome rewards (math verification in a worker pool), GRPO advantages,
-  4. reference log-probs of the frozen start policy (skipped when kl_coef = 0),
-  5. `ppo_epochs` passes of PPO mini-batch updates with the ONE jitted train step,
+     (SPRM trajectory scores come from it), in calls of at most `rollout.max_rows_per_call`
+     sequences (the KV cache holds one call's rows),
+  3. outcome rewards (math verification in a worker pool; each process verifies its own share
+     of the rows, the shares are all-gathered and checksummed, so every process trains on the
+     same rewards), GRPO advantages,
+  4. on the devices: old log-probs recomputed by the train step's own forward before the first
+     update (REFERENCE 4; `loss.old_logprobs="sampler"` keeps the sampler's and skips this
+     forward), reference log-probs of the frozen start policy (skipped when kl_coef = 0),
+  5. `ppo_epochs` passes of PPO mini-batch updates with the ONE jitted train step (metrics read
+     one update late, so the host does not wait for the devices between updates),
   6. metrics (JSONL, TensorBoard, progress bar) and, every `checkpoint.every_steps`, an orbax
      checkpoint of params, optimizer state, train-step RNG, RL step and data-iterator state.
 
@@ -20,6 +25,7 @@ loop save the step it is on and return.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -38,6 +44,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from msjax import checkpoint as ckpt
+from msjax import global_arrays
 from msjax import sharding as sh
 from msjax.data import build_synthetic_steps, build_synthetic_tokenizer, load_source
 from msjax.data.local_math import build_local_math, files_config_name
@@ -67,9 +74,8 @@ class NonFiniteError(RuntimeError):
     """Raised when too many updates in a row had a non-finite loss or gradient."""
 
 
-def _to_global(x: np.ndarray, sharding) -> jax.Array:
-    """A global array from a host array that every process holds in full."""
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+class RewardMismatchError(RuntimeError):
+    """Raised when the processes of a run hold different rewards (or rollout texts) for a step."""
 
 
 @jax.jit
@@ -84,11 +90,26 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    """The whole of a (possibly multi-process) global array, on every process."""
-    if not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+@jax.jit
+def _logp_deviation(sampler_logp, logp, mask) -> dict:
+    """Mean and max |sampler log-prob - recomputed log-prob| over the response tokens."""
+    dev = jnp.where(mask, jnp.abs(sampler_logp - logp), 0.0)
+    return {
+        "sampler_logp_dev_sum": jnp.sum(dev),
+        "sampler_logp_dev_max": jnp.max(dev),
+        "response_tokens": jnp.sum(mask.astype(jnp.float32)),
+    }
+
+
+def _digest(rewards: np.ndarray, responses, golds) -> np.ndarray:
+    """uint32[2]: a checksum of a step's rewards and the responses (token ids) and golds they
+    were computed from."""
+    h = hashlib.sha256(np.asarray(rewards, np.float32).tobytes())
+    for r in responses:
+        h.update(np.asarray(r, np.int64).tobytes() + b"\xff" * 8)
+    for g in golds:
+        h.update(g.encode("utf-8", "surrogatepass") + b"\0")
+    return np.frombuffer(h.digest()[:8], np.uint32)
 
 
 class Trainer:
@@ -132,6 +153,9 @@ class Trainer:
         self.pipeline = self._pipeline()
         self.data_iter = iter(self.pipeline)
         self.sampler = Sampler(graphdef, self.model_cfg, self._sampler_config(), self.mesh)
+        self.response_widths = rollout.response_widths(
+            c.rollout.max_new_tokens, c.rollout.response_buckets
+        )
         self.reward = None
         self.rl_step = 0
         self.manager = ocp.CheckpointManager(
@@ -152,8 +176,10 @@ class Trainer:
     def _initial_params(self, resume_step):
         """(ModelConfig, params pure dict on the mesh) of the start policy.
 
-        On resume the start policy is rebuilt from its source too: it is the frozen KL reference,
-        and its arrays are the restore target's structure.
+        The head's training settings come from config.train, not from the start checkpoint. On
+        resume the start policy is rebuilt from its source too (it is the frozen KL reference,
+        and its arrays are the restore target's structure), and the training settings must be
+        the run's own (ValueError otherwise).
         """
         c = self.config
         if c.init:
@@ -172,6 +198,9 @@ class Trainer:
                         f"{self.workdir} was trained with {name}={getattr(saved, name)!r} but the "
                         f"config now gives {getattr(cfg, name)!r}; use a fresh workdir."
                     )
+            run_json = self.workdir / "config.json"
+            run = json.loads(run_json.read_text()) if run_json.exists() else {}
+            rlc.check_resume(c, run, saved, self.workdir)
         return cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     def _tokenizer(self, resume_step) -> Tokenizer:
@@ -336,8 +365,9 @@ class Trainer:
         mask = np.arange(tokens.shape[1])[None] >= tokens.shape[1] - lengths[:, None]
         key = jax.random.fold_in(jax.random.PRNGKey(c.seed), self.rl_step)
         res = self._sample(tokens, mask, n, key)
+        width = rollout.response_width(res.lengths, self.response_widths)
         rows = np.repeat(np.arange(tokens.shape[0]), n)
-        rewards = self.reward(
+        rewards = self._rewards(
             [tokens[p, tokens.shape[1] - lengths[p] :] for p in rows],
             [res.response(r) for r in range(res.tokens.shape[0])],
             [str(batch["answer"][p]) for p in rows],
@@ -345,9 +375,9 @@ class Trainer:
         tb = rollout.train_batch(
             tokens,
             lengths,
-            res.tokens,
+            res.tokens[:, :width],
             res.lengths,
-            res.logprobs,
+            res.logprobs[:, :width],
             rewards,
             n,
             step_ids=self.tokenizer.step_ids,
@@ -360,6 +390,7 @@ class Trainer:
             "reward": float(np.mean(rewards)),
             "accuracy": float(np.mean(tb["labels"])),
             "response_len": float(np.mean(res.lengths)),
+            "response_width": float(width),
             "steps_per_response": float(np.mean(res.num_steps)),
             "rollout_score_correct": float(gap["score_correct"]),
             "rollout_score_wrong": float(gap["score_wrong"]),
@@ -390,50 +421,118 @@ class Trainer:
             parts.append(res.to_host())
         return parts[0] if len(parts) == 1 else jax.tree.map(lambda *x: np.concatenate(x), *parts)
 
-    def _update(self, tb: dict) -> dict:
-        """PPO epochs over mini-batches of the rollout batch; returns averaged metrics."""
+    def _rewards(self, prompts: list, responses: list, golds: list[str]) -> np.ndarray:
+        """Rewards f32[rows] of prompt + response token ids against golds, identical on every
+        process: process p verifies only its own share of the rows (a contiguous block), the
+        shares are all-gathered, and a checksum of the rewards and the rows is compared across
+        processes before anything trains on them."""
+        count, index = jax.process_count(), jax.process_index()
+        share = -(-len(responses) // count)
+        own = slice(index * share, (index + 1) * share)
+        local = np.zeros(share, np.float32)
+        mine = self._verify(prompts[own], responses[own], golds[own])
+        local[: len(mine)] = mine
+        rewards = self._gather_rows(local)[: len(responses)]
+        self._check_same_on_every_process(rewards, responses, golds)
+        return rewards
+
+    def _verify(self, prompts: list, responses: list, golds: list[str]) -> np.ndarray:
+        """THE outcome-reward call (`config.reward`): token-id rows and golds -> f32[rows]."""
+        return self.reward(prompts, responses, golds)
+
+    @staticmethod
+    def _gather_rows(local: np.ndarray) -> np.ndarray:
+        """Every process's f32[share] block, concatenated in process order."""
+        if jax.process_count() == 1:
+            return local
+        return np.asarray(multihost_utils.process_allgather(local)).reshape(-1)
+
+    def _check_same_on_every_process(self, rewards: np.ndarray, responses, golds) -> None:
+        """Raises RewardMismatchError on every process when any process's rewards or rollout
+        texts differ from process 0's (the processes would otherwise train apart silently)."""
+        if jax.process_count() == 1:
+            return
+        digests = np.asarray(multihost_utils.process_allgather(_digest(rewards, responses, golds)))
+        differ = [p for p, d in enumerate(digests) if not np.array_equal(d, digests[0])]
+        if differ:
+            raise RewardMismatchError(
+                f"RL step {self.rl_step + 1}: the rewards or rollout texts of process(es) {differ} "
+                "differ from process 0's; every process must run the same msjax, tokenizer and "
+                f"reward settings. Nothing was trained on this step; the last checkpoint in "
+                f"{self.workdir} is intact."
+            )
+
+    def _device_minibatches(self, tb: dict) -> tuple[list[dict], dict]:
+        """The rollout batch as PPO mini-batches on the devices, with the old log-probs
+        (recomputed by the train step's forward with the live parameters, unless
+        loss.old_logprobs="sampler") and the reference log-probs computed there; and the
+        on-device sums of the sampler's log-prob deviation from the recomputed ones."""
         c = self.config
         rows = c.train.ppo_mini_batch * c.rollout.group_size
-        total = tb["tokens"].shape[0]
-        put = lambda x: _to_global(x, sh.batch_sharding(self.mesh, x.ndim))
-        if self.ref_params is not None:
-            # One micro-batch per forward: its activations are bounded like the train step's.
-            micro = rows // self.loss_cfg.num_microbatches
-            ref = [
-                _to_host(
-                    self.logprob_fn(
-                        self.ref_params,
-                        *(put(tb[k][i : i + micro]) for k in ("tokens", "positions", "valid")),
-                    )
-                )
-                for i in range(0, total, micro)
-            ]
-            tb["ref_logp"] = np.concatenate(ref).astype(np.float32)
+        put = lambda x: global_arrays.to_global(x, sh.batch_sharding(self.mesh, x.ndim))
+        minis, devs = [], []
+        for i in range(0, tb["tokens"].shape[0], rows):
+            mb = {k: put(v[i : i + rows]) for k, v in tb.items()}
+            seq = (mb["tokens"], mb["positions"], mb["valid"])
+            if self.loss_cfg.old_logprobs == "recompute":
+                logp = self.logprob_fn(self.state.params, *seq)
+                devs.append(_logp_deviation(mb["old_logp"], logp, mb["loss_mask"]))
+                mb["old_logp"] = logp
+            if self.ref_params is not None:
+                mb["ref_logp"] = self.logprob_fn(self.ref_params, *seq)
+            minis.append(mb)
+        return minis, devs
+
+    def _update(self, tb: dict) -> dict:
+        """PPO epochs over mini-batches of the rollout batch; returns averaged metrics.
+
+        Metrics are read one update late (while the next update runs), so the host never waits
+        for the devices inside the loop; the non-finite guard may stop the run one update late
+        (a refused update leaves the state as it was, so no non-finite state is ever saved)."""
+        minis, devs = self._device_minibatches(tb)
         sums: dict[str, float] = {}
         count = 0
-        for _ in range(c.train.ppo_epochs):
-            for i in range(0, total, rows):
-                mb = {k: put(v[i : i + rows]) for k, v in tb.items()}
+
+        def record(m):
+            nonlocal count
+            m = jax.device_get(m)
+            self._check_finite(bool(m["update_skipped"]))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+
+        pending = None
+        for _ in range(self.config.train.ppo_epochs):
+            for mb in minis:
                 self.state, m = self.train_step(self.state, mb)
-                m = jax.device_get(m)
-                skipped = bool(m["update_skipped"])
-                self._nonfinite_in_row = self._nonfinite_in_row + 1 if skipped else 0
-                if skipped:
-                    log.warning(
-                        "RL step %d: non-finite loss or gradient; update refused (%d in a row).",
-                        self.rl_step,
-                        self._nonfinite_in_row,
-                    )
-                    if self._nonfinite_in_row >= c.train.max_nonfinite_steps:
-                        raise NonFiniteError(
-                            f"{self._nonfinite_in_row} updates in a row had a non-finite loss or "
-                            f"gradient (RL step {self.rl_step}); the last good state is in "
-                            f"{self.workdir}. Lower the learning rates or check the data."
-                        )
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                count += 1
-        return {k: v / count for k, v in sums.items()}
+                if pending is not None:
+                    record(pending)
+                pending = m
+        record(pending)
+        out = {k: v / count for k, v in sums.items()}
+        if devs:
+            devs = jax.device_get(devs)
+            tokens = max(sum(float(d["response_tokens"]) for d in devs), 1.0)
+            out["sampler_logp_dev"] = sum(float(d["sampler_logp_dev_sum"]) for d in devs) / tokens
+            out["sampler_logp_dev_max"] = max(float(d["sampler_logp_dev_max"]) for d in devs)
+        return out
+
+    def _check_finite(self, skipped: bool) -> None:
+        """Counts refused (non-finite) updates in a row; NonFiniteError after too many."""
+        self._nonfinite_in_row = self._nonfinite_in_row + 1 if skipped else 0
+        if not skipped:
+            return
+        log.warning(
+            "RL step %d: non-finite loss or gradient; update refused (%d in a row).",
+            self.rl_step,
+            self._nonfinite_in_row,
+        )
+        if self._nonfinite_in_row >= self.config.train.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self._nonfinite_in_row} updates in a row had a non-finite loss or "
+                f"gradient (RL step {self.rl_step}); the last good state is in "
+                f"{self.workdir}. Lower the learning rates or check the data."
+            )
 
     def run(self) -> dict:
         """Trains until config.total_steps (or SIGTERM); returns the last step's metrics."""

@@ -1,5 +1,7 @@
 """The jitted GRPO + SPR train step against a NumPy reference, across micro-batching and meshes."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from msjax.rl.optimizer import OptimizerConfig, make_optimizer
 from msjax.rl.train_step import (
     LossConfig,
     init_train_state,
+    make_logprob_fn,
     make_train_step,
     train_state_shardings,
 )
@@ -67,8 +70,21 @@ def run_step(model_cfg, loss_cfg, opt_cfg, batch, mesh=None, step=None):
     return graphdef, before, new_state, jax.tree.map(float, metrics), step
 
 
+def np_spr_loss(s, sm, labels):
+    """The SPR rule of REFERENCE 3 (threshold 0.5 -> logit 0) over the given rows, +1 once."""
+    y = np.broadcast_to(labels[:, None], sm.shape)
+    w = (((s > 0) & (y == 1)) | ((s < 0) & (y == 0))) & sm
+    pos, neg = (w * y).sum() + 1, (w * (1 - y)).sum() + 1
+    weight = 1.5 * w * y * neg / (pos + neg) + w * (1 - y) * pos / (pos + neg)
+    bce = np.maximum(s, 0) - s * y + np.log1p(np.exp(-np.abs(s)))
+    return (weight * bce).sum() / (weight.sum() + 1e-5)
+
+
 def np_reference_loss(graphdef, params, batch, lc: LossConfig):
-    """Independent float64 NumPy computation of the total loss from the model's full logits."""
+    """Independent float64 NumPy computation of the total loss from the model's full logits.
+
+    SPR: batch-wide counts for one micro-batch or the "minibatch" scope; with the "microbatch"
+    scope, the mean over micro-batches i (rows i, i+k, i+2k, ...) of each one's own SPR loss."""
     model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
     out = model(batch["tokens"], batch["positions"], batch["valid"])
     logits = np.asarray(out.logits, np.float64) / lc.temperature
@@ -89,15 +105,10 @@ def np_reference_loss(graphdef, params, batch, lc: LossConfig):
     kl_t = np.asarray(batch["ref_logp"], np.float64) - logp
     kl = (np.clip(np.exp(kl_t) - kl_t - 1, -10, 10) * m).sum() / n
     entropy = (ent * m).sum() / n
-    # SPR (REFERENCE section 3), threshold 0.5 -> logit 0
     sm = np.asarray(batch["step_mask"])
-    y = np.broadcast_to(np.asarray(batch["labels"], np.float64)[:, None], sm.shape)
-    s = steps
-    w = (((s > 0) & (y == 1)) | ((s < 0) & (y == 0))) & sm
-    pos, neg = (w * y).sum() + 1, (w * (1 - y)).sum() + 1
-    weight = 1.5 * w * y * neg / (pos + neg) + w * (1 - y) * pos / (pos + neg)
-    bce = np.maximum(s, 0) - s * y + np.log1p(np.exp(-np.abs(s)))
-    spr = (weight * bce).sum() / (weight.sum() + 1e-5)
+    labels = np.asarray(batch["labels"], np.float64)
+    k = lc.num_microbatches if lc.spr_stats_scope == "microbatch" else 1
+    spr = np.mean([np_spr_loss(steps[i::k], sm[i::k], labels[i::k]) for i in range(k)])
     return lc.spr_coef * spr + pg - lc.entropy_coef * entropy + lc.kl_coef * kl
 
 
@@ -142,18 +153,34 @@ def test_each_group_has_its_own_optimizer():
         assert same == (group == "backbone"), group
 
 
-def test_microbatches_and_8_device_mesh_equal_one_large_batch():
-    """Dropout stays on: the per-row dropout keys make the result independent of the split."""
+def test_microbatch_spr_scope_matches_numpy_reference():
+    """The default scope: SPR counts per global micro-batch (+1 once), mean of the k losses."""
+    batch = make_batch(3)
+    cfg = CFG.replace(head_dropout=0.0)
+    lc = LossConfig(logprob_chunk=5, num_microbatches=4)
+    assert lc.spr_stats_scope == "microbatch"
+    graphdef, before, _, metrics, _ = run_step(cfg, lc, OptimizerConfig(), batch)
+    want = np_reference_loss(graphdef, before, batch, lc)
+    assert metrics["loss"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+    # it is not the batch-wide rule (so this test could fail)
+    batch_wide = np_reference_loss(graphdef, before, batch, LossConfig(logprob_chunk=5))
+    assert abs(batch_wide - want) > 1e-4
+    assert metrics["spr_n_steps"] == float(np.asarray(batch["step_mask"]).sum())
+
+
+@pytest.mark.parametrize(
+    "scope, k_single", [("minibatch", 1), ("microbatch", 2)], ids=["minibatch", "microbatch"]
+)
+def test_microbatches_on_a_2x2x2_mesh_equal_one_device(scope, k_single):
+    """Dropout stays on: the per-row dropout keys make the result independent of the split.
+    "minibatch": 2 micro-batches on the mesh equal ONE large batch; "microbatch": they equal the
+    same 2 micro-batches on one device (the counts are global over each micro-batch)."""
     batch = make_batch(2)
     opt = OptimizerConfig(lr=1e-3, head_lr=1e-2)
-    lc = LossConfig(logprob_chunk=4)
-    _, _, s1, m1, _ = run_step(CFG, lc, opt, batch)
+    lc = LossConfig(logprob_chunk=4, spr_stats_scope=scope)
+    _, _, s1, m1, _ = run_step(CFG, dataclasses.replace(lc, num_microbatches=k_single), opt, batch)
     _, _, s4, m4, _ = run_step(
-        CFG,
-        LossConfig(logprob_chunk=4, num_microbatches=2),
-        opt,
-        batch,
-        mesh=sh.make_mesh((2, 2, 2)),
+        CFG, dataclasses.replace(lc, num_microbatches=2), opt, batch, mesh=sh.make_mesh((2, 2, 2))
     )
     for key in m1:
         assert m4[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
@@ -180,3 +207,31 @@ def test_bad_loss_config_is_rejected():
         LossConfig(spr_threshold=1.0)
     with pytest.raises(ValueError, match="aggregation"):
         LossConfig(aggregation="sum")
+
+
+def test_recomputed_old_logprobs_give_ratio_one_in_bf16():
+    """Old log-probs from make_logprob_fn (the train step's own forward): every token's PPO ratio
+    is 1 within 1e-6 on the first update, in bf16 compute. With clip_eps = 1e-6 a token is
+    clipped only when its ratio is off by more (A > 0: r > 1 + eps; A < 0: r < 1 - eps), so
+    clip_frac = 0 for both signs of the advantages bounds every token. Old log-probs of an fp32
+    forward (what a differently-rounded sampler gives) fail the same check."""
+    cfg = CFG.replace(dtype="bfloat16")
+    lc = LossConfig(logprob_chunk=5, num_microbatches=2, clip_eps=1e-6)
+    tx = make_optimizer(OptimizerConfig())
+    graphdef, _ = fresh_state(cfg, tx)
+    batch = make_batch(4)
+    seq = (batch["tokens"], batch["positions"], batch["valid"])
+    step = make_train_step(graphdef, tx, lc)
+
+    def clip_fracs(old_logp):
+        out = []
+        for sign in (1.0, -1.0):
+            b = dict(batch, old_logp=old_logp, advantages=jnp.full((B,), sign))
+            _, m = step(fresh_state(cfg, tx)[1], b)
+            out.append(float(m["pg_clip_frac"]))
+        return out
+
+    params = fresh_state(cfg, tx)[1].params
+    assert clip_fracs(make_logprob_fn(graphdef, lc)(params, *seq)) == [0.0, 0.0]
+    graphdef32 = nnx.split(create_model(CFG))[0]
+    assert max(clip_fracs(make_logprob_fn(graphdef32, lc)(params, *seq))) > 0.05

@@ -23,7 +23,7 @@ from msjax import checkpoint as ckpt
 from msjax.metrics import read_metrics
 
 CHILD = Path(__file__).with_name("trainer_child.py")
-PHASE_TIMEOUT_S = 400
+PHASE_TIMEOUT_S = 600  # generous: the CI machine may be shared
 ROWS_PER_CALL = "8"  # tiny: 4 prompts x 4 samples = 16 rollouts -> 2 sampler calls
 
 
@@ -127,3 +127,39 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
     # Logs too: the resume message appears in process 0's output only.
     assert "Resumed" in (logs / "run2-p0.log").read_text()
     assert "Resumed" not in (logs / "run2-p1.log").read_text()
+
+
+def _rewards_printed(log: Path) -> dict[int, str]:
+    return {
+        int(line.split()[1]): line.split()[2]
+        for line in log.read_text().splitlines()
+        if line.startswith("rewards ")
+    }
+
+
+def test_a_reward_timeout_on_one_process_does_not_split_the_rewards(tmp_path):
+    """Step 1: process 1's verifier times out on an item (it scores 0 there, not on process 0);
+    both processes still train on the same rewards, since each row is verified by one process
+    and the verdicts are gathered. Step 2: process 1's gathered rewards differ anyway (corrupted
+    here): the run stops on every process with RewardMismatchError before training on them."""
+    cache, logs = tmp_path / "jax_cache", tmp_path / "logs"
+    logs.mkdir()
+    flags = ("--reward_timeout_process", "1", "--corrupt_rewards_process", "1", "--at", "2")
+    procs = _distributed(tmp_path / "run", 2, cache, logs, "run", *flags)
+    deadline = time.monotonic() + 2 * PHASE_TIMEOUT_S
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.5)
+    for p in procs:
+        if p.poll() is None:  # hung: fail below with its log
+            p.kill()
+            p.wait()
+
+    texts = [(logs / f"run-p{pid}.log").read_text() for pid in range(2)]
+    seen = [_rewards_printed(logs / f"run-p{pid}.log") for pid in range(2)]
+    assert seen[0][1] == seen[1][1], texts[1][-2000:]
+    rewards = [float(r) for r in seen[0][1].split(",")]
+    assert 0 < sum(rewards) < len(rewards)  # the stand-in reward gives both verdicts
+    for p, text in zip(procs, texts, strict=True):
+        assert p.returncode not in (0, None) and "RewardMismatchError" in text, text[-2000:]
+        assert "RL step 2: the rewards or rollout texts of process(es) [1] differ" in text
+    assert ckpt.latest_step(tmp_path / "run") is None
