@@ -29,8 +29,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.workdir = ""
     c.seed = 0
     c.total_steps = 100
-    # (data, fsdp, tensor) sizes; one may be -1 = all remaining devices.
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # (data, fsdp, tensor) sizes within a slice; one may be -1 = all remaining devices.
+    # dcn_data: slices of a multi-slice TPU joined over the data axis (msjax.sharding.make_mesh).
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1))
     # Where the policy starts: an HF folder or an msjax checkpoint dir; "" = random init from
     # `model` (tests, the demo's own warm start).
     c.init = ""
