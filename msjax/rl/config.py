@@ -84,6 +84,9 @@ def default_config() -> ml_collections.ConfigDict:
             # Sequences per sampler call (whole groups; bounds the KV cache, which holds
             # rows x (prompt + response) slots); 0 = all prompts_per_step x group_size at once.
             max_rows_per_call=0,
+            # dtype of the rollout engine's copy of the weights (msjax.generate.weights):
+            # "" = bfloat16 on accelerators, the training dtype on CPU; or float32 / bfloat16.
+            decode_dtype="",
         )
     )
     c.train = ml_collections.ConfigDict(

@@ -2,8 +2,9 @@
 
 One `Trainer.run()` loop step ("RL step"):
   1. the next batch of prompts from the grain pipeline (the same global batch on every process),
-  2. `group_size` samples per prompt from the jitted sampler, called with the LIVE parameters
-     (old log-probs and SPRM trajectory scores come from it), in calls of at most
+  2. `group_size` samples per prompt from the jitted sampler, run on the decode copy of the LIVE
+     parameters (msjax.generate.weights: refreshed once per RL step, tensor-parallel, no per-token
+     weight gathers; old log-probs and SPRM trajectory scores come from it), in calls of at most
      `rollout.max_rows_per_call` sequences (the KV cache holds one call's rows),
   3. outcome rewards (math verification in a worker pool), GRPO advantages,
   4. reference log-probs of the frozen start policy (skipped when kl_coef = 0),
@@ -43,6 +44,7 @@ from msjax.data import build_synthetic_steps, build_synthetic_tokenizer, load_so
 from msjax.data.pipeline import PromptPipeline
 from msjax.generate.config import EOS, FINISH_REASONS, STOP, SamplerConfig
 from msjax.generate.sampler import Sampler, SampleResult
+from msjax.generate.weights import DecodeWeights
 from msjax.metrics import MetricsWriter
 from msjax.models.reflective import abstract_model, create_model
 from msjax.rewards.math import MathVerifier
@@ -131,6 +133,7 @@ class Trainer:
         self.pipeline = self._pipeline()
         self.data_iter = iter(self.pipeline)
         self.sampler = Sampler(graphdef, self.model_cfg, self._sampler_config(), self.mesh)
+        self.decode_weights = DecodeWeights(abstract, self.mesh, c.rollout.decode_dtype)
         self.verifier = None
         self.rl_step = 0
         self.manager = ocp.CheckpointManager(
@@ -364,12 +367,13 @@ class Trainer:
         per sampler call (the KV cache holds one call's rows); a host SampleResult. Prompts keep
         their batch index as sampling id, so the samples do not depend on the split."""
         per_call = self.config.rollout.max_rows_per_call // n or len(tokens)
+        params = self.decode_weights.refresh(self.state.params)
         parts = []
         for start in range(0, len(tokens), per_call):
             part = slice(start, start + per_call)
             ids = np.arange(len(tokens))[part]
             res = self.sampler(
-                self.state.params,
+                params,
                 tokens[part],
                 prompt_mask=mask[part],
                 n=n,
