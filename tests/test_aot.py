@@ -39,11 +39,11 @@ def test_memory_counts_the_state_and_what_stays_resident(report):
     assert train.argument_bytes >= 3 * 4 * p / 4
     assert train.alias_bytes >= 3 * 4 * p / 4 * 0.9  # the donated state comes back in place
     # The sampler's decode copy of the weights, replicated over the 4 fsdp devices: the backbone
-    # in bf16, the SPRM head (2C^2 + 4C + 1 parameters) in f32.
-    c = get_config().model.hidden_size
-    head = 2 * c * c + 4 * c + 1
+    # in bf16 but its norm scales and the SPRM head (2C^2 + 4C + 1 parameters) in f32.
+    m = get_config().model
+    f32 = 2 * m.hidden_size**2 + 4 * m.hidden_size + 1 + (2 * m.num_layers + 1) * m.hidden_size
     copy = decode.loop.weight_bytes
-    assert copy == 2 * (p - head) + 4 * head
+    assert copy == 2 * (p - f32) + 4 * f32
     # Beside the train step: the frozen reference params and the decode copy; beside the
     # sampler (which takes the copy): the train state and the reference params; beside the
     # reference forward: the train state and the decode copy.

@@ -68,11 +68,12 @@ def test_training_layout_gathers_every_weight_matrix_each_step(loops):
 def test_memory_and_roofline_by_hand(loops):
     m = model_config(config())
     c, d, mlp, h, kv = m.hidden_size, m.head_dim, m.intermediate_size, m.num_heads, m.num_kv_heads
-    # Decode copy per chip: backbone in bf16 split over tensor (norms replicated), head in f32.
-    layer = (c * d * (h + 2 * kv) + d * (h + 2 * kv) + h * d * c + 3 * c * mlp) // T + 2 * c
-    backbone = m.vocab_size * c // T + m.num_layers * layer + c
-    head = (2 * c * c + 2 * c + 2 * c) // T + 1
-    weights = 2 * backbone + 4 * head
+    # Decode copy per chip: backbone in bf16 split over tensor; norm scales (replicated) and the
+    # head in f32.
+    layer = (c * d * (h + 2 * kv) + d * (h + 2 * kv) + h * d * c + 3 * c * mlp) // T
+    backbone = m.vocab_size * c // T + m.num_layers * layer
+    f32 = (2 * c * c + 2 * c + 2 * c) // T + 1 + (2 * m.num_layers + 1) * c
+    weights = 2 * backbone + 4 * f32
     kv_bytes = 2 * m.num_layers * ROWS // F * SLOTS * kv // T * d * 4  # f32 compute dtype
     _, decode = loops["decode"]
     loop = decode.loop

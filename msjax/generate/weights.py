@@ -11,9 +11,11 @@ previous copy's (donated) buffers.
     decode_params = weights.refresh(train_params)    # before every rollout
     sampler(decode_params, prompts, n=8, key=key)
 
-The copy stays on the devices beside the training state (msjax-aot counts it). The backbone is
-cast to the decode dtype; the SPRM head keeps the training dtype (2C^2 parameters, read only at
-step delimiters, and its scores are compared with the trainer's own).
+The copy stays on the devices beside the training state (msjax-aot counts it). The backbone's
+matrices and biases are cast to the decode dtype; the norm scales (applied in float32) and the
+SPRM head (2C^2 parameters, read only at step delimiters) keep the training dtype. The model casts
+matrices and biases to its compute dtype anyway, so with a bf16 compute dtype (the shipped
+recipes) a bf16 copy computes exactly what the training parameters compute.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from flax import nnx
 from msjax import sharding as sh
 from msjax.models.config import DTYPES
 
-_CAST = "backbone"  # the subtree cast to the decode dtype
+_CAST = "backbone"  # the subtree cast to the decode dtype, but for its norm scales
 
 
 def decode_dtype(name: str | None, train_dtype, platform: str):
@@ -56,6 +58,10 @@ class DecodeWeights:
     def __init__(self, abstract_params: nnx.State, mesh=None, dtype: str | None = None):
         pure = nnx.to_pure_dict(abstract_params)
         train_dtype = jax.tree.leaves(pure[_CAST])[0].dtype
+        keep_norm = lambda v: "norm" not in (v.get_metadata().get("axes") or ())
+        self._cast = nnx.to_pure_dict(
+            jax.tree.map(keep_norm, abstract_params[_CAST], is_leaf=sh._is_var)
+        )
         platform = (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
         self.dtype = decode_dtype(dtype, train_dtype, platform)
         self.mesh = mesh
@@ -85,13 +91,15 @@ class DecodeWeights:
 
     def _convert(self, params: dict) -> dict:
         """A real copy (never the input buffers: the train step donates those), the backbone
-        cast to the decode dtype."""
+        but its norm scales cast to the decode dtype."""
 
         def copy(x, cast):
             x = jnp.copy(x)
             return x.astype(self.dtype) if cast and jnp.issubdtype(x.dtype, jnp.floating) else x
 
-        return {k: jax.tree.map(lambda x, c=k == _CAST: copy(x, c), v) for k, v in params.items()}
+        out = {k: jax.tree.map(lambda x: copy(x, False), v) for k, v in params.items()}
+        out[_CAST] = jax.tree.map(copy, params[_CAST], self._cast)
+        return out
 
     def refresh(self, params) -> dict:
         """The decode copy of `params` (the training pure dict or nnx.State), in one jitted

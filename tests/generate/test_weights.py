@@ -48,14 +48,11 @@ def test_layout_is_tensor_parallel_and_the_backbone_bf16(setup):
     assert bb["layers"]["mlp"]["down_kernel"].sharding.spec == expected["down_kernel"]
     assert bb["layers"]["input_norm"]["scale"].sharding.spec == expected["scale"]
     assert copy["head"]["w1"].sharding.spec == P(None, "tensor")
-    for path, x in leaves(copy):
-        assert "fsdp" not in str(x.sharding.spec) and "data" not in str(x.sharding.spec), path
-        head = path[0].key == "head"
-        assert x.dtype == (jnp.float32 if head else jnp.bfloat16), path
     for (path, x), (_, ref) in zip(leaves(copy), leaves(train), strict=True):
-        want = (
-            np.asarray(ref) if path[0].key == "head" else np.asarray(ref).astype(ml_dtypes.bfloat16)
-        )
+        assert "fsdp" not in str(x.sharding.spec) and "data" not in str(x.sharding.spec), path
+        kept = path[0].key == "head" or path[-1].key == "scale"  # SPRM head, norm scales
+        assert x.dtype == (jnp.float32 if kept else jnp.bfloat16), path
+        want = np.asarray(ref) if kept else np.asarray(ref).astype(ml_dtypes.bfloat16)
         np.testing.assert_array_equal(np.asarray(x), want)
     # The abstract copy (what msjax-aot compiles against) is the real one's shape, dtype, layout.
     for a, x in zip(jax.tree.leaves(weights.abstract), jax.tree.leaves(copy), strict=True):
@@ -79,6 +76,26 @@ def test_refresh_reuses_the_previous_buffers_in_one_program(setup):
     for x, ref in zip(jax.tree.leaves(third), jax.tree.leaves(train), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(ref))
     assert weights._again._cache_size() == 1  # one compiled transfer, whatever the step
+
+
+def test_bf16_copy_computes_what_a_bf16_compute_model_computes(small_model):
+    """With bf16 compute and f32 parameters (the shipped recipes), the model casts matrices and
+    biases to bf16 itself: its forward on the bf16 copy is bit for bit its forward on the f32
+    training parameters (logits and SPRM step logits)."""
+    model, cfg = small_model
+    graphdef, abstract = abstract_model(cfg.replace(dtype="bfloat16"))
+    params = nnx.to_pure_dict(nnx.state(model))
+    copy = DecodeWeights(abstract, None, "bfloat16").refresh(params)
+
+    @jax.jit
+    def forward(params, tokens):
+        m = nnx.merge(graphdef, params)
+        out = m(tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))
+        return out.logits, m.step_logits(out.penultimate)
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 9)), jnp.int32)
+    for got, want in zip(forward(copy, tokens), forward(params, tokens), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_decode_dtype_defaults_and_errors():
