@@ -244,10 +244,11 @@ def _collectives(module, computation, param_elements, channels) -> LoopCollectiv
             }.get(kind, operand * (g - 1) / g)
             out.count[kind] += 1
             out.bytes[kind] += moved
-            elements = sum(math.prod(d) for _, d in arrays(shapes.get(i.operands[0], "")))
-            if kind == "all-gather" and elements * g in param_elements:
-                out.param_gathers += 1
-                out.param_gather_bytes += moved
+            if kind == "all-gather" and i.operands:
+                elements = sum(math.prod(d) for _, d in arrays(shapes.get(i.operands[0], "")))
+                if elements * g in param_elements:
+                    out.param_gathers += 1
+                    out.param_gather_bytes += moved
         elif i.opcode == "while":
             trips = trip_count(module, i)
             inner = LoopCollectives()
