@@ -25,6 +25,7 @@ from msjax.cli import define_flag
 from msjax.generate.infer import InferOptions, infer_file, summary_table
 from msjax.generate.pruning import PruneRule
 from msjax.generate.tts import MODES, SELECTIONS, resolve_k
+from msjax.sharding import DECODE_RULES
 from msjax.tokenizer import TEMPLATES, Tokenizer
 
 MODEL = define_flag("string", "model", None, "A Hugging Face folder or an msjax checkpoint.")
@@ -111,7 +112,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"{MODEL.value} has no tokenizer.json (needed to encode prompts).")
     tokenizer = Tokenizer.from_dir(tok_dir)
     mesh = _mesh()
-    model, cfg = checkpoint.load_any(MODEL.value, mesh, dtype=DTYPE.value or "float32")
+    # Weights in the decode layout (msjax.sharding.DECODE_RULES): no per-token gathers.
+    model, cfg = checkpoint.load_any(
+        MODEL.value, mesh, dtype=DTYPE.value or "float32", rules=DECODE_RULES
+    )
     try:
         summary = infer_file(model, cfg, tokenizer, INPUT.value, OUTPUT.value, options, mesh=mesh)
     except ValueError as e:
