@@ -60,7 +60,9 @@ class DecodeWeights:
         train_dtype = jax.tree.leaves(pure[_CAST])[0].dtype
         keep_norm = lambda v: "norm" not in (v.get_metadata().get("axes") or ())
         self._cast = nnx.to_pure_dict(
-            jax.tree.map(keep_norm, abstract_params[_CAST], is_leaf=sh._is_var)
+            jax.tree.map(
+                keep_norm, abstract_params[_CAST], is_leaf=lambda x: isinstance(x, nnx.Variable)
+            )
         )
         platform = (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
         self.dtype = decode_dtype(dtype, train_dtype, platform)
@@ -97,9 +99,12 @@ class DecodeWeights:
             x = jnp.copy(x)
             return x.astype(self.dtype) if cast and jnp.issubdtype(x.dtype, jnp.floating) else x
 
-        out = {k: jax.tree.map(lambda x: copy(x, False), v) for k, v in params.items()}
-        out[_CAST] = jax.tree.map(copy, params[_CAST], self._cast)
-        return out
+        return {
+            k: jax.tree.map(copy, v, self._cast)
+            if k == _CAST
+            else jax.tree.map(lambda x: copy(x, False), v)
+            for k, v in params.items()
+        }
 
     def refresh(self, params) -> dict:
         """The decode copy of `params` (the training pure dict or nnx.State), in one jitted
