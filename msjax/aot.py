@@ -15,12 +15,22 @@ padded to data.max_prompt_len, responses to rollout.max_new_tokens):
                 policy's (loss.kl_coef > 0) per mini-batch
   prefill       the sampler's prompt pass for one call of rollout.max_rows_per_call sequences
   decode        the sampler's decode loop for that call (KV cache donated)
+The sampler runs on the rollout engine's decode copy of the weights (msjax.generate.weights:
+tensor-parallel, replicated over data/fsdp, rollout.decode_dtype), which stays resident beside the
+training state; `sampler_layout="train"` compiles it on the training parameters instead.
+
+The decode loop is also read from the compiled HLO (msjax.hlo): per decode step (one token in
+every row) and per chip, the bytes its collectives move between chips, those of them that gather
+parameters (`decode_gathered_param_bytes_per_token`; 0 with the decode layout), and the HBM bytes
+a step must read at least (the weights a chip holds or gathers + the KV cache, read once), with
+the tokens/s per chip that this implies at the chip's HBM bandwidth (a roofline, msjax.topology).
 
 Memory per device of a program = arguments + outputs - aliased (donated) + temporaries + code,
 from `compiled.memory_analysis()`, plus RESIDENT buffers that the trainer keeps on the devices
 while the program runs without passing them to it: the optimizer state and the frozen reference
 parameters beside the sampler, the reference parameters beside the train step, the train state
-beside the reference forward. A program fits when that total is at most the chip's HBM
+beside the reference forward, and the decode copy of the weights beside every program but the
+sampler's, which takes it as an argument. A program fits when that total is at most the chip's HBM
 (msjax.topology); a compile that fails for lack of memory does not fit.
 
 FLOPs (msjax.flops): `compiled.cost_analysis()` counts every loop body once, so it is kept only
@@ -45,10 +55,12 @@ import ml_collections
 from flax import nnx
 
 from msjax import checkpoint as ckpt
+from msjax import hlo
 from msjax import sharding as sh
 from msjax.flops import jaxpr_flops, traced_flops
 from msjax.generate import decode as decode_mod
 from msjax.generate.config import SamplerConfig
+from msjax.generate.weights import DecodeWeights
 from msjax.models.reflective import abstract_model
 from msjax.rl import config as rlc
 from msjax.rl import train_step as ts
@@ -56,9 +68,55 @@ from msjax.rl.optimizer import make_optimizer
 from msjax.topology import GIB, Topology, parse_topology
 
 PROGRAMS = ("train_step", "ref_logprobs", "prefill", "decode")
+SAMPLER_LAYOUTS = ("decode", "train")
 # Placeholder token ids for the sampler's EOS / step / think tokens: they change no shape, so the
 # compiled program's memory and FLOPs are those of the real tokenizer's.
 _PLACEHOLDER_IDS = dict(eos_ids=(1,), pad_id=0, step_ids=(2,), think_start_id=3, think_end_id=4)
+
+
+@dataclasses.dataclass
+class DecodeLoop:
+    """The decode loop per step (one token in each of `rows` rows) and per chip (see module doc):
+    collective counts and bytes received by kind, bytes of parameter gathers, the number of
+    parameter gathers anywhere in the program (in or out of the loop), nested loops whose
+    trip count was unknown (counted once), the weights and KV cache a chip holds (all cache slots
+    are attended each step; `live_kv_bytes`: the mean over a call of the slots in use, prompt +
+    max_new_tokens / 2), chips, and the chip's HBM bandwidth (bytes/s, None on CPU).
+
+    HBM bytes per step: the weights a chip holds, the parameters it gathers (written, then read)
+    and the KV cache, each read once: a lower bound on the traffic of one step."""
+
+    rows: int
+    devices: int
+    collective_count: dict
+    collective_bytes: dict
+    gathered_param_bytes: float
+    program_param_gathers: int
+    unknown_trips: int
+    weight_bytes: int
+    kv_bytes: int
+    live_kv_bytes: int
+    hbm_bandwidth: float | None
+
+    @property
+    def hbm_bytes_per_step(self) -> int:
+        return int(self.weight_bytes + self.gathered_param_bytes + self.kv_bytes)
+
+    def tokens_per_s_per_chip(self, live: bool = False) -> float | None:
+        """Roofline: rows / (HBM bytes per step / bandwidth) / chips (None without bandwidth)."""
+        if not self.hbm_bandwidth:
+            return None
+        read = self.hbm_bytes_per_step - (self.kv_bytes - self.live_kv_bytes if live else 0)
+        return self.rows * self.hbm_bandwidth / read / self.devices
+
+    def to_dict(self) -> dict:
+        return {
+            **dataclasses.asdict(self),
+            "collective_bytes_total": sum(self.collective_bytes.values()),
+            "hbm_bytes_per_step": self.hbm_bytes_per_step,
+            "roofline_tokens_per_s_per_chip": self.tokens_per_s_per_chip(),
+            "roofline_tokens_per_s_per_chip_live_kv": self.tokens_per_s_per_chip(live=True),
+        }
 
 
 @dataclasses.dataclass
@@ -79,6 +137,7 @@ class ProgramReport:
     model_flops: float = 0.0
     compiler_flops: float | None = None
     error: str | None = None  # the compiler's message when it failed for lack of memory
+    loop: DecodeLoop | None = None  # the decode program's loop, read from its HLO
 
     @property
     def total_bytes(self) -> int:
@@ -92,7 +151,9 @@ class ProgramReport:
         )
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "total_bytes": self.total_bytes}
+        out = {**dataclasses.asdict(self), "total_bytes": self.total_bytes}
+        out["loop"] = None if self.loop is None else self.loop.to_dict()
+        return out
 
 
 @dataclasses.dataclass
@@ -161,6 +222,9 @@ class Report:
             "mfu": self.mfu(),
             "fits": self.fits(),
             "problems": self.problems(),
+            "decode_gathered_param_bytes_per_token": next(
+                (p.loop.gathered_param_bytes for p in self.programs if p.loop is not None), None
+            ),
         }
 
     def format(self) -> str:
@@ -205,6 +269,7 @@ class Report:
             "* XLA's cost analysis counts each loop body once (layers, micro-batches, decode "
             "tokens): reference only.",
         ]
+        lines += _format_loop(next((p.loop for p in self.programs if p.loop), None))
         mfu = self.mfu()
         if mfu is not None:
             train = next(p for p in self.programs if p.name == "train_step")
@@ -222,6 +287,33 @@ class Report:
         else:
             lines += self.problems()
         return "\n".join(lines)
+
+
+def _format_loop(loop: DecodeLoop | None) -> list[str]:
+    if loop is None:
+        return []
+    size = lambda n: f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.2f} MiB"
+    moved = ", ".join(
+        f"{k} {loop.collective_count[k]:g}x {size(loop.collective_bytes[k])}"
+        for k in hlo.KINDS
+        if loop.collective_count[k]
+    )
+    lines = [
+        f"decode step ({loop.rows} rows, one token each), per chip: collectives "
+        f"{moved or 'none'}; parameters gathered {size(loop.gathered_param_bytes)}.",
+        f"  HBM read per step >= {size(loop.hbm_bytes_per_step)}: weights "
+        f"{size(loop.weight_bytes)} + gathered {size(loop.gathered_param_bytes)} + KV cache "
+        f"{size(loop.kv_bytes)} (live on average {size(loop.live_kv_bytes)}).",
+    ]
+    if loop.hbm_bandwidth:
+        lines.append(
+            f"  roofline at {loop.hbm_bandwidth / 1e9:.0f} GB/s: "
+            f"{loop.tokens_per_s_per_chip():,.0f} tokens/s per chip "
+            f"({loop.tokens_per_s_per_chip(live=True):,.0f} reading only the live KV)."
+        )
+    if loop.unknown_trips:
+        lines.append(f"  ({loop.unknown_trips} nested loop(s) of unknown trip count counted once)")
+    return lines
 
 
 def _gib(n: int) -> str:
@@ -295,11 +387,14 @@ def plan(
     programs=PROGRAMS,
     step_time: float | None = None,
     config_name: str = "config",
+    sampler_layout: str = "decode",
 ) -> Report:
     """Compiles the requested programs of `config` for `topology` and measures them.
 
-    Raises ValueError (before compiling) for an unknown topology or program, an inconsistent
-    config, or a mesh that does not divide the model.
+    sampler_layout: "decode" (the rollout engine's copy of the weights, as the trainer runs it)
+    or "train" (the sampler on the training parameters and their shardings).
+    Raises ValueError (before compiling) for an unknown topology, program or layout, an
+    inconsistent config, or a mesh that does not divide the model.
     """
     topo = parse_topology(topology) if isinstance(topology, str) else topology
     unknown = sorted(set(programs) - set(PROGRAMS))
@@ -307,6 +402,8 @@ def plan(
         raise ValueError(f"Unknown program(s) {unknown}; choose from {PROGRAMS}.")
     if step_time is not None and step_time <= 0:
         raise ValueError(f"step_time={step_time} must be > 0 seconds.")
+    if sampler_layout not in SAMPLER_LAYOUTS:
+        raise ValueError(f"sampler_layout={sampler_layout!r}; choose from {SAMPLER_LAYOUTS}.")
     c = config.copy_and_resolve_references()
     c.workdir = c.workdir or "aot"  # validate() wants one; nothing is written
     mesh = sh.make_mesh(dict(c.mesh), topo.devices())
@@ -331,23 +428,33 @@ def plan(
     state_bytes, param_bytes = device_bytes(state), device_bytes(params)
     ref_bytes = param_bytes if kl else 0
     env = _Env(mesh, graphdef, cfg, loss_cfg, params, param_sh, seq)
+    decode_bytes = 0
+    sampler_params, sampler_resident = params, state_bytes - param_bytes + ref_bytes
+    if sampler_layout == "decode":
+        sampler_params = DecodeWeights(abstract, mesh, c.rollout.decode_dtype).abstract
+        decode_bytes = device_bytes(sampler_params)
+        sampler_resident = state_bytes + ref_bytes
 
     reports = []
     if "train_step" in programs:
         calls = r.prompts_per_step // t.ppo_mini_batch * t.ppo_epochs
-        rep = ProgramReport("train_step", calls, mb_rows * seq, resident_bytes=ref_bytes)
+        resident = ref_bytes + decode_bytes
+        rep = ProgramReport("train_step", calls, mb_rows * seq, resident_bytes=resident)
         env.train_step(rep, tx, state, state_sh, mb_rows)
         reports.append(rep)
     if "ref_logprobs" in programs and logp_uses:
         calls = r.prompts_per_step // t.ppo_mini_batch * logp_uses
-        rep = ProgramReport("ref_logprobs", calls, mb_rows * seq, resident_bytes=state_bytes)
+        resident = state_bytes + decode_bytes
+        rep = ProgramReport("ref_logprobs", calls, mb_rows * seq, resident_bytes=resident)
         env.ref_logprobs(rep, mb_rows)
         reports.append(rep)
     if {"prefill", "decode"} & set(programs):
         per_call = r.max_rows_per_call // n or r.prompts_per_step
         calls = -(-r.prompts_per_step // per_call)
-        resident = state_bytes - param_bytes + ref_bytes
-        reports += env.sampler(c, per_call, calls, resident, shards, programs)
+        reports += env.sampler(
+            c, per_call, calls, sampler_resident, shards, programs, sampler_params,
+            _param_elements(abstract, mesh), topo.hbm_bandwidth,
+        )  # fmt: skip
     return Report(
         config_name=config_name,
         topology=topo,
@@ -415,8 +522,12 @@ class _Env:
             _measure(rep, compiled)
         rep.flops = rep.model_flops = jaxpr_flops(traced.jaxpr)
 
-    def sampler(self, c, prompts: int, calls: int, resident: int, shards: int, wanted):
-        """Reports for the prefill and the decode of one sampler call of `prompts` prompts."""
+    def sampler(
+        self, c, prompts, calls, resident, shards, wanted, params, param_elements, bandwidth
+    ):
+        """Reports for the prefill and the decode of one sampler call of `prompts` prompts on
+        `params` (the decode copy or the training parameters); the decode report's `loop` is
+        read from its HLO."""
         r, n = c.rollout, c.rollout.group_size
         config = SamplerConfig(
             max_new_tokens=r.max_new_tokens,
@@ -429,7 +540,7 @@ class _Env:
         b = -(-prompts // shards) * shards  # as Sampler.__call__ pads the batch
         rows = -(-prompts * n // shards) * shards
         length = c.data.max_prompt_len
-        args = _prefill_args(self.mesh, self.params, b, rows, length)
+        args = _prefill_args(self.mesh, params, b, rows, length)
         pre = ProgramReport("prefill", calls, b * length, resident_bytes=resident)
         dec = ProgramReport("decode", calls, rows * r.max_new_tokens, resident_bytes=resident)
         with jax.set_mesh(self.mesh):
@@ -446,14 +557,60 @@ class _Env:
             return [*out, dec]
         cache, state = _abstract(traced.out_info, compiled.output_shardings)
         with jax.set_mesh(self.mesh):
-            traced = decode_mod.decode.trace(program, self.params, cache, state)
+            traced = decode_mod.decode.trace(program, params, cache, state)
         compiled, dec.error = _compile(traced.lower)
         if compiled is not None:
             _measure(dec, compiled)
+            kv = device_bytes(cache)
+            live = (length + r.max_new_tokens / 2) / (length + r.max_new_tokens)
+            dec.loop = _decode_loop(
+                compiled.as_text(), param_elements, rows, self.mesh.size, device_bytes(params),
+                kv, int(kv * live), bandwidth,
+            )  # fmt: skip
         # The loop runs at most max_new_tokens - 1 times (prefill samples the first token).
         trips = max(r.max_new_tokens - 1, 1)
         dec.flops = dec.model_flops = jaxpr_flops(traced.jaxpr, while_trips=trips)
         return [*out, dec]
+
+
+def _param_elements(abstract, mesh) -> frozenset[int]:
+    """What one chip holds after gathering a parameter: the element counts of every parameter
+    with an `embed` axis (every weight matrix: those FSDP splits), whole or split over `tensor`,
+    and of one layer's slice of the stacked ones."""
+    out = set()
+    tensor_axes = {name for name, target in sh.RULES if target == "tensor"}
+    for _, v in nnx.to_flat_state(abstract):
+        axes = v.get_metadata().get("axes") or ()
+        if "embed" not in axes:
+            continue
+        sizes = {math.prod(v.shape)}
+        if axes[0] == "layers":
+            sizes.add(math.prod(v.shape[1:]))
+        split = mesh.shape["tensor"] if tensor_axes & set(axes) else 1
+        out |= sizes | {n // split for n in sizes}
+    return frozenset(out)
+
+
+def _decode_loop(text, param_elements, rows, devices, weight_bytes, kv, live_kv, bandwidth):
+    """DecodeLoop of a compiled decode program (its largest top-level while loop)."""
+    module = hlo.parse(text)
+    loops = hlo.main_loops(module)
+    if not loops:
+        raise ValueError("the compiled decode program has no while loop")
+    stats = hlo.loop_collectives(module, loops[0], param_elements)
+    return DecodeLoop(
+        rows=rows,
+        devices=devices,
+        collective_count=stats.count,
+        collective_bytes=stats.bytes,
+        gathered_param_bytes=stats.param_gather_bytes,
+        program_param_gathers=int(hlo.program_collectives(module, param_elements).param_gathers),
+        unknown_trips=stats.unknown_trips,
+        weight_bytes=weight_bytes,
+        kv_bytes=kv,
+        live_kv_bytes=live_kv,
+        hbm_bandwidth=bandwidth,
+    )
 
 
 def _prefill_args(mesh, params, b: int, rows: int, length: int) -> tuple:

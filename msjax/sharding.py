@@ -2,11 +2,18 @@
 
 Every parameter and activation is annotated with LOGICAL axis names (batch, seq, embed, heads,
 kv_heads, head_dim, mlp, vocab, ...). `RULES` maps them onto the three MESH axes
-(data, fsdp, tensor) in exactly one place.
+(data, fsdp, tensor) in exactly one place; `DECODE_RULES` is the layout of the rollout engine's
+copy of the weights (msjax.generate.weights): the same, except that no parameter is split over
+fsdp, so decoding never gathers a weight.
+
+The mesh's device order follows the platform's topology where it has one (TPU: neighbouring
+mesh positions are neighbouring chips, slices joined over the data axis by DCN); elsewhere it is
+the order of `jax.devices()`, with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -14,9 +21,14 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+log = logging.getLogger(__name__)
+
 MESH_AXES = ("data", "fsdp", "tensor")
+# config.mesh may also hold this key: the number of slices (joined by DCN) along `data`.
+DCN_DATA = "dcn_data"
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 RULES: tuple[tuple[str, Any], ...] = (
@@ -38,50 +50,130 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
 )
+# The decode copy of the weights: tensor-parallel, replicated over data and fsdp (rows of the
+# batch still split over data x fsdp), so every chip holds its tensor shard of every weight.
+DECODE_RULES: tuple[tuple[str, Any], ...] = tuple(
+    (name, None if name == "embed" else target) for name, target in RULES
+)
+_warned_platforms: set[str] = set()
 
 
 def make_mesh(
     shape: Sequence[int] | dict[str, int] = (1, -1, 1),
     devices: Sequence[jax.Device] | None = None,
+    *,
+    dcn_data: int = 1,
 ) -> Mesh:
     """Builds the (data, fsdp, tensor) mesh.
 
     Args:
-      shape: sizes for (data, fsdp, tensor), as a sequence or a dict; one entry may be -1
-        (take all remaining devices).
+      shape: sizes for (data, fsdp, tensor) within one slice, as a sequence or a dict (a dict
+        may also give `dcn_data`); one entry may be -1 (take all remaining devices).
       devices: defaults to `jax.devices()` (all processes' devices).
-    Raises ValueError naming the sizes when they do not multiply to the device count.
+      dcn_data: number of slices (multi-slice TPU, joined by the data-center network) along the
+        data axis; the mesh's data axis then has dcn_data x data devices.
+    Raises ValueError naming the sizes when they do not multiply to the device count, or when
+    the devices' slices do not match dcn_data.
     """
     devices = list(jax.devices() if devices is None else devices)
     if isinstance(shape, dict):
-        unknown = sorted(set(shape) - set(MESH_AXES))
+        unknown = sorted(set(shape) - {*MESH_AXES, DCN_DATA})
         if unknown:
-            raise ValueError(f"Unknown mesh axis {unknown}; the axes are {MESH_AXES}.")
+            raise ValueError(
+                f"Unknown mesh axis {unknown}; the axes are {MESH_AXES} (and {DCN_DATA!r})."
+            )
+        dcn_data = int(shape.get(DCN_DATA, dcn_data))
         shape = [int(shape.get(a, 1)) for a in MESH_AXES]
     shape = [int(s) for s in shape]
     if len(shape) != 3:
         raise ValueError(f"Mesh shape needs 3 sizes for {MESH_AXES}, got {shape}.")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
         raise ValueError(f"Mesh shape {shape}: sizes must be positive, at most one -1.")
-    n = len(devices)
+    slices = _slices(devices)
+    if isinstance(dcn_data, bool) or dcn_data < 1 or len(devices) % dcn_data:
+        raise ValueError(
+            f"config.mesh.{DCN_DATA}={dcn_data!r} must be an int >= 1 that divides the "
+            f"{len(devices)} devices (one per slice joined over the data-center network)."
+        )
+    if dcn_data > 1 and len(slices) != dcn_data:
+        found = f"{len(slices)} slices" if len(slices) > 1 else "one slice (no slice_index)"
+        raise ValueError(
+            f"config.mesh.{DCN_DATA}={dcn_data} but the {len(devices)} devices form {found}; "
+            f"set {DCN_DATA} to the number of slices."
+        )
+    if dcn_data == 1 and len(slices) > 1:
+        raise ValueError(
+            f"The {len(devices)} devices span {len(slices)} slices; set "
+            f"config.mesh.{DCN_DATA}={len(slices)} so that only the data axis crosses slices."
+        )
+    n = len(devices) // dcn_data
+    sizes = dict(zip(MESH_AXES, shape, strict=True))
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
         if n % known:
-            raise ValueError(
-                f"Mesh shape {dict(zip(MESH_AXES, shape, strict=True))} cannot fill {n} devices."
-            )
+            raise ValueError(f"Mesh shape {sizes} cannot fill {n} devices per slice.")
         shape[shape.index(-1)] = n // known
     if math.prod(shape) != n:
         raise ValueError(
             f"Mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} devices "
-            f"but {n} are present; change config.mesh so the sizes multiply to {n}."
+            f"but {n} are present{' per slice' if dcn_data > 1 else ''}; change config.mesh so "
+            f"the sizes multiply to {n}."
         )
-    try:
-        dev_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-    except Exception:  # noqa: BLE001 - CPU or odd topologies: plain reshape is fine.
-        dev_array = np.asarray(devices).reshape(shape)
+    grid = device_grid(shape, devices, dcn_data)
     auto = (jax.sharding.AxisType.Auto,) * 3
-    return Mesh(dev_array, MESH_AXES, axis_types=auto)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def _slice_index(device) -> int:
+    return getattr(device, "slice_index", 0)
+
+
+def _slices(devices) -> dict:
+    """slice index -> devices (one entry when the devices carry no slice_index)."""
+    out: dict = {}
+    for d in devices:
+        out.setdefault(_slice_index(d), []).append(d)
+    return out
+
+
+def device_grid(shape: Sequence[int], devices: Sequence, dcn_data: int = 1) -> np.ndarray:
+    """The devices arranged as an array of `shape` (data axis times dcn_data).
+
+    TPU: from the chips' physical coordinates (`mesh_utils.create_device_mesh`, or
+    `create_hybrid_device_mesh` with the slices along data), so each mesh axis runs over
+    neighbouring chips. Other platforms have no topology to follow: the devices in the order
+    given (GPUs by id), with a warning once per platform.
+    """
+    shape = tuple(shape)
+    full = (shape[0] * dcn_data, *shape[1:])
+    platform = devices[0].platform
+    if platform == "tpu":
+        try:
+            if dcn_data > 1:
+                return mesh_utils.create_hybrid_device_mesh(
+                    shape, (dcn_data, 1, 1), devices, allow_split_physical_axes=True
+                )
+            return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError) as e:
+            log.warning(
+                "No topology-aware order for mesh %s on these TPU devices (%s: %.200s); the "
+                "mesh uses the devices in the order given, which may slow collectives.",
+                dict(zip(MESH_AXES, full, strict=True)),
+                type(e).__name__,
+                e,
+            )
+    elif len(devices) > 1 and platform not in _warned_platforms:
+        _warned_platforms.add(platform)
+        log.warning(
+            "No topology-aware device order on %s: the mesh uses the devices in %s order.",
+            platform,
+            "id" if platform == "gpu" else "the given",
+        )
+    if platform == "gpu":
+        devices = sorted(devices, key=lambda d: d.id)
+    groups = _slices(devices)
+    ordered = [d for k in sorted(groups) for d in groups[k]]  # slices along data
+    return np.asarray(ordered, dtype=object).reshape(full)
 
 
 def logical_to_spec(axes: Sequence[str | None] | None, rules=RULES) -> PartitionSpec:

@@ -8,13 +8,14 @@ v4 / v5p: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8, 4x8x8, 8x8x8, ... chips;
 v5e / v6e: 1x1, 1x2, 2x2, 2x4, 4x4, 4x8, 8x8, 8x16, 16x16 chips.
 An explicit "v5p:2x4x4" is accepted as is. "cpu:N" is N (fake) CPU devices of this host.
 
-Chip figures (public Cloud TPU specifications; HBM in GiB per chip, dense bf16 peak per chip):
+Chip figures (public Cloud TPU specifications, cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}; HBM
+in GiB per chip, its bandwidth in GB/s (10^9 bytes), dense bf16 peak per chip):
 
-    generation   HBM      peak bf16
-    v4           32 GiB   275 TFLOP/s
-    v5e          16 GiB   197 TFLOP/s
-    v5p          95 GiB   459 TFLOP/s
-    v6e          32 GiB   918 TFLOP/s
+    generation   HBM      HBM bandwidth   peak bf16
+    v4           32 GiB   1200 GB/s       275 TFLOP/s
+    v5e          16 GiB    819 GB/s       197 TFLOP/s
+    v5p          95 GiB   2765 GB/s       459 TFLOP/s
+    v6e          32 GiB   1640 GB/s       918 TFLOP/s
 
 The runtime keeps a little HBM for itself, so a program that needs nearly all of it may still
 fail at run time; the planner reports the margin. GPUs (for experiments/bench_accelerator.py):
@@ -37,7 +38,7 @@ GIB = 1 << 30
 class Chip:
     """One accelerator generation: `name` as in topology strings ("v5p"), HBM bytes per chip,
     peak dense bf16 FLOP/s per chip (None: unknown), TensorCores counted per chip in slice names,
-    number of topology axes, and libtpu's chip configuration."""
+    number of topology axes, libtpu's chip configuration, HBM bandwidth in bytes/s per chip."""
 
     name: str
     hbm_bytes: int
@@ -45,13 +46,14 @@ class Chip:
     cores_in_name: int
     axes: int
     chip_config: str
+    hbm_bandwidth: float | None = None
 
 
 CHIPS = {
-    "v4": Chip("v4", 32 * GIB, 275e12, 2, 3, "megacore"),
-    "v5e": Chip("v5e", 16 * GIB, 197e12, 1, 2, "default"),
-    "v5p": Chip("v5p", 95 * GIB, 459e12, 2, 3, "megacore"),
-    "v6e": Chip("v6e", 32 * GIB, 918e12, 1, 2, "default"),
+    "v4": Chip("v4", 32 * GIB, 275e12, 2, 3, "megacore", 1200e9),
+    "v5e": Chip("v5e", 16 * GIB, 197e12, 1, 2, "default", 819e9),
+    "v5p": Chip("v5p", 95 * GIB, 459e12, 2, 3, "megacore", 2765e9),
+    "v6e": Chip("v6e", 32 * GIB, 918e12, 1, 2, "default", 1640e9),
 }
 ALIASES = {"v5lite": "v5e", "v6lite": "v6e"}  # "v5litepod-16": the "pod" suffix is dropped
 ACCEPTED = (
@@ -116,6 +118,11 @@ class Topology:
     def peak_flops(self) -> float | None:
         """Peak bf16 FLOP/s per device (None on CPU)."""
         return None if self.chip is None else self.chip.peak_flops
+
+    @property
+    def hbm_bandwidth(self) -> float | None:
+        """HBM bandwidth in bytes/s per device (None on CPU)."""
+        return None if self.chip is None else self.chip.hbm_bandwidth
 
 
 # JAX device_kind -> chip generation (v5p chips report "TPU v5").

@@ -26,6 +26,7 @@ def test_tiny_recipe_fits_a_v5e_4(report):
     }
     for p in report.programs:
         assert p.error is None and 0 < p.total_bytes < GIB
+    assert report.to_dict()["decode_gathered_param_bytes_per_token"] == 0
     text = report.format()
     assert "tiny.py on v5e-4 = v5e:2x2: 4 devices (16.00 GiB, 197 TFLOP/s bf16 each)" in text
     assert "fits: the largest program" in text
@@ -37,11 +38,20 @@ def test_memory_counts_the_state_and_what_stays_resident(report):
     # The train step's arguments hold params + two Adam moments (f32) over 4 devices, at least.
     assert train.argument_bytes >= 3 * 4 * p / 4
     assert train.alias_bytes >= 3 * 4 * p / 4 * 0.9  # the donated state comes back in place
-    # Beside the train step: the frozen reference params; beside the sampler: the Adam moments
-    # and the reference params; beside the reference forward: the train state (the same size).
-    assert 4 * p / 4 <= train.resident_bytes <= 4 * p
-    assert 3 * 4 * p / 4 <= decode.resident_bytes <= 3 * 4 * p
-    assert ref.resident_bytes == decode.resident_bytes
+    # The sampler's decode copy of the weights, replicated over the 4 fsdp devices: the backbone
+    # in bf16 but its norm scales and the SPRM head (2C^2 + 4C + 1 parameters) in f32.
+    m = get_config().model
+    f32 = 2 * m.hidden_size**2 + 4 * m.hidden_size + 1 + (2 * m.num_layers + 1) * m.hidden_size
+    copy = decode.loop.weight_bytes
+    assert copy == 2 * (p - f32) + 4 * f32
+    # Beside the train step: the frozen reference params and the decode copy; beside the
+    # sampler (which takes the copy): the train state and the reference params; beside the
+    # reference forward: the train state and the decode copy.
+    ref_params = train.resident_bytes - copy
+    assert 4 * p / 4 <= ref_params <= 4 * p / 4 * 1.1
+    state = decode.resident_bytes - ref_params
+    assert 3 * 4 * p / 4 <= state <= 3 * 4 * p / 4 * 1.1
+    assert ref.resident_bytes == state + copy
 
 
 def test_flops_multiply_every_loop(report):

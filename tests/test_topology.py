@@ -48,6 +48,15 @@ def test_chip_table():
         "v5p": (95, 459.0),
         "v6e": (32, 918.0),
     }
+    # HBM bandwidth, GB/s per chip (Cloud TPU system architecture pages).
+    assert {k: c.hbm_bandwidth / 1e9 for k, c in CHIPS.items()} == {
+        "v4": 1200.0,
+        "v5e": 819.0,
+        "v5p": 2765.0,
+        "v6e": 1640.0,
+    }
+    assert parse_topology("v5p-16").hbm_bandwidth == 2765e9
+    assert parse_topology("cpu:8").hbm_bandwidth is None
 
 
 @pytest.mark.parametrize(

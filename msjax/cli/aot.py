@@ -2,12 +2,15 @@
 
     msjax-aot --config experiments/configs/metastone_1p5b.py --topology v5p-16 \
         [--config.<field>=VALUE ...] [--json] [--step_time SECONDS] [--programs train_step,decode]
+        [--sampler_layout decode|train]
 
 Compiles the real train step, reference forward and sampler prefill/decode of the recipe for a
 TPU topology (v4-32, v5e-16 / v5litepod-16, v5p-64, v6e-8, v5p:2x4x4, ...; libtpu compiles on a
 CPU host, no TPU needed) or for N CPU devices of this host (cpu:N), from abstract state: nothing
 is allocated. Prints per-device memory (arguments, outputs, temporaries, resident state) against
-the chip's HBM, FLOPs per call and per RL step, and with --step_time the MFU of the train step.
+the chip's HBM, FLOPs per call and per RL step, with --step_time the MFU of the train step, and
+for the decode loop the bytes moved between chips and read from HBM per generated token, with
+the roofline tokens/s per chip (--sampler_layout train: the sampler on the training parameters).
 Exit status: 0 when every program fits, 1 when one does not ("does not fit" names it and the
 numbers), 2 for a bad topology, program or config. See msjax.aot for what is counted.
 """
@@ -41,6 +44,14 @@ PROGRAMS = define_flag(
     ["train_step", "ref_logprobs", "prefill", "decode"],
     "Programs to compile (train_step, ref_logprobs, prefill, decode).",
 )
+SAMPLER_LAYOUT = define_flag(
+    "enum",
+    "sampler_layout",
+    "decode",
+    "Weights the sampler runs on: decode (the rollout engine's copy, as the trainer runs it) or "
+    "train (the training parameters and their FSDP shardings, for comparison).",
+    enum_values=["decode", "train"],
+)
 
 
 def _use_cpu_devices(topology: str) -> None:
@@ -73,6 +84,7 @@ def main(argv: list[str]) -> int:
             programs=tuple(PROGRAMS.value),
             step_time=STEP_TIME.value,
             config_name=name,
+            sampler_layout=SAMPLER_LAYOUT.value,
         )
     except ValueError as e:
         print(f"msjax-aot: error: {e}", file=sys.stderr)

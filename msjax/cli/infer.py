@@ -38,6 +38,7 @@ from msjax.cli import define_decoding_flags, define_flag, define_head_flags, opt
 from msjax.generate.infer import InferOptions, infer_file, pool_files, summary_table
 from msjax.generate.pruning import PruneRule
 from msjax.generate.tts import MODES, SELECTIONS, resolve_k
+from msjax.sharding import DECODE_RULES
 from msjax.tokenizer import LANG_STEP_MODES, Tokenizer
 
 MODEL = define_flag("string", "model", None, "A Hugging Face folder or an msjax checkpoint.")
@@ -130,7 +131,10 @@ def main(argv: list[str]) -> None:
         checkpoint.require_trained_head(MODEL.value, ALLOW_UNTRAINED.value)
         tokenizer = Tokenizer.from_dir(tok_dir, step_mode=LANG_STEP_MODES[LANG.value])
         mesh = _mesh()
-        model, cfg = checkpoint.load_any(MODEL.value, mesh, dtype=DTYPE.value or "float32")
+        # Weights in the decode layout (msjax.sharding.DECODE_RULES): no per-token gathers.
+        model, cfg = checkpoint.load_any(
+            MODEL.value, mesh, dtype=DTYPE.value or "float32", rules=DECODE_RULES
+        )
         summary = infer_file(
             model,
             cfg,

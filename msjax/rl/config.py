@@ -31,8 +31,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.workdir = ""
     c.seed = 0
     c.total_steps = 100
-    # (data, fsdp, tensor) sizes; one may be -1 = all remaining devices.
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # (data, fsdp, tensor) sizes within a slice; one may be -1 = all remaining devices.
+    # dcn_data: slices of a multi-slice TPU joined over the data axis (msjax.sharding.make_mesh).
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1))
     # Where the policy starts: an HF folder or an msjax checkpoint dir; "" = random init from
     # `model` (tests, the demo's own warm start).
     c.init = ""
@@ -95,6 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
             # rollout batch trains at the smallest that holds its longest response (one compile
             # of the train step per width); 1 = always max_new_tokens.
             response_buckets=4,
+            # dtype of the rollout engine's copy of the weights (msjax.generate.weights):
+            # "" = bfloat16 on accelerators, the training dtype on CPU; or float32 / bfloat16.
+            decode_dtype="",
         )
     )
     # The outcome reward (msjax.rewards.outcome): name "math" | "official" (the original's

@@ -2,12 +2,13 @@
 
 One `Trainer.run()` loop step ("RL step"):
   1. the next batch of prompts from the grain pipeline (the same global batch on every process),
-  2. `group_size` samples per prompt from the jitted sampler, called with the LIVE parameters
-     (SPRM trajectory scores come from it), in calls of at most `rollout.max_rows_per_call`
-     sequences (the KV cache holds one call's rows),
-  3. outcome rewards (math verification in a worker pool; each process verifies its own share
-     of the rows, the shares are all-gathered and checksummed, so every process trains on the
-     same rewards), GRPO advantages,
+  2. `group_size` samples per prompt from the jitted sampler, run on the decode copy of the LIVE
+     parameters (msjax.generate.weights: refreshed once per RL step, tensor-parallel, no per-token
+     weight gathers; SPRM trajectory scores come from it), in calls of at most
+     `rollout.max_rows_per_call` sequences (the KV cache holds one call's rows),
+  3. outcome rewards (`config.reward`; each process verifies its own share of the rows, the
+     shares are all-gathered and checksummed, so every process trains on the same rewards),
+     GRPO advantages,
   4. on the devices: old log-probs recomputed by the train step's own forward before the first
      update (REFERENCE 4; `loss.old_logprobs="sampler"` keeps the sampler's and skips this
      forward), reference log-probs of the frozen start policy (skipped when kl_coef = 0),
@@ -51,6 +52,7 @@ from msjax.data.local_math import build_local_math, files_config_name
 from msjax.data.pipeline import PromptPipeline
 from msjax.generate.config import FINISH_REASONS, SamplerConfig
 from msjax.generate.sampler import Sampler, SampleResult
+from msjax.generate.weights import DecodeWeights
 from msjax.metrics import MetricsWriter
 from msjax.models.reflective import abstract_model, create_model
 from msjax.rewards.outcome import OutcomeReward
@@ -156,6 +158,7 @@ class Trainer:
         self.response_widths = rollout.response_widths(
             c.rollout.max_new_tokens, c.rollout.response_buckets
         )
+        self.decode_weights = DecodeWeights(abstract, self.mesh, c.rollout.decode_dtype)
         self.reward = None
         self.rl_step = 0
         self.manager = ocp.CheckpointManager(
@@ -406,12 +409,13 @@ class Trainer:
         per sampler call (the KV cache holds one call's rows); a host SampleResult. Prompts keep
         their batch index as sampling id, so the samples do not depend on the split."""
         per_call = self.config.rollout.max_rows_per_call // n or len(tokens)
+        params = self.decode_weights.refresh(self.state.params)
         parts = []
         for start in range(0, len(tokens), per_call):
             part = slice(start, start + per_call)
             ids = np.arange(len(tokens))[part]
             res = self.sampler(
-                self.state.params,
+                params,
                 tokens[part],
                 prompt_mask=mask[part],
                 n=n,
