@@ -68,7 +68,8 @@ def test_remat_policies_give_the_same_gradients(remat):
     l1, g1 = _loss_and_grads(CFG.replace(remat=remat), *batch)
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
+        # Recomputation reorders f32 sums: ~1e-7 absolute noise on gradients of order 1e-3.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 def test_chunked_attention_equals_dense_including_gradients():
