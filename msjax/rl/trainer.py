@@ -42,7 +42,8 @@ from msjax import sharding as sh
 from msjax.data import build_synthetic_steps, build_synthetic_tokenizer, load_source
 from msjax.data.pipeline import PromptPipeline
 from msjax.generate.config import EOS, FINISH_REASONS, STOP, SamplerConfig
-from msjax.generate.sampler import Sampler, SampleResult
+from msjax.generate.engine import EngineSampler
+from msjax.generate.sampler import SampleResult
 from msjax.metrics import MetricsWriter
 from msjax.models.reflective import abstract_model, create_model
 from msjax.rewards.math import MathVerifier
@@ -130,7 +131,14 @@ class Trainer:
         )
         self.pipeline = self._pipeline()
         self.data_iter = iter(self.pipeline)
-        self.sampler = Sampler(graphdef, self.model_cfg, self._sampler_config(), self.mesh)
+        r = c.rollout
+        self.sampler = EngineSampler(
+            graphdef,
+            self.model_cfg,
+            self._sampler_config(),
+            self.mesh,
+            slots=r.max_rows_per_call or r.prompts_per_step * r.group_size,
+        )
         self.verifier = None
         self.rl_step = 0
         self.manager = ocp.CheckpointManager(
@@ -360,24 +368,10 @@ class Trainer:
         return tb, metrics
 
     def _sample(self, tokens: np.ndarray, mask: np.ndarray, n: int, key) -> SampleResult:
-        """n samples per prompt with the live params, at most rollout.max_rows_per_call sequences
-        per sampler call (the KV cache holds one call's rows); a host SampleResult. Prompts keep
-        their batch index as sampling id, so the samples do not depend on the split."""
-        per_call = self.config.rollout.max_rows_per_call // n or len(tokens)
-        parts = []
-        for start in range(0, len(tokens), per_call):
-            part = slice(start, start + per_call)
-            ids = np.arange(len(tokens))[part]
-            res = self.sampler(
-                self.state.params,
-                tokens[part],
-                prompt_mask=mask[part],
-                n=n,
-                key=key,
-                prompt_ids=ids,
-            )
-            parts.append(res.to_host())
-        return parts[0] if len(parts) == 1 else jax.tree.map(lambda *x: np.concatenate(x), *parts)
+        """n samples per prompt with the live params through the engine's slots (at most
+        rollout.max_rows_per_call sequences decode at once); a host SampleResult. Prompts keep
+        their batch index as sampling id."""
+        return self.sampler(self.state.params, tokens, prompt_mask=mask, n=n, key=key)
 
     def _update(self, tb: dict) -> dict:
         """PPO epochs over mini-batches of the rollout batch; returns averaged metrics."""
