@@ -1,25 +1,31 @@
-"""Decoding speed: msjax's jitted KV-cache sampler against transformers `generate`, same model.
+"""Decoding speed: msjax's fixed-batch Sampler and continuous Engine against transformers
+`generate`, same model, every side timed in ONE process, interleaved call by call.
 
-    python -m experiments.bench_decode [--json] [--runs 5] [--hf_runs 3] [--batch 32]
+    python -m experiments.bench_decode [--json] [--runs 15] [--heavy_runs 5] [--batch 32]
 
 A random Hugging Face Qwen2 (hidden 256, 4 layers, 8 heads, 4 kv heads, intermediate 688, vocab
 2048, fp32) is saved with save_pretrained and loaded into msjax with `msjax.checkpoint.load_any`,
-so both sides run the same weights. Both decode greedily, KV cache on, no early stop, from a
-batch of left-padded random prompts; compile time is excluded (one warm-up call each). Each
-figure is the MINIMUM over the timed calls (the msjax variants interleaved round by round): on a
-machine shared with other jobs the minimum is the stable estimate of a call's own cost (medians
-are printed too, as *_median_s). tokens/s counts generated tokens (batch * new tokens) per
-second of the whole generate call (prefill included, as in transformers); the tokens are
-checked to be identical on both sides.
+so both sides run the same weights. Every side decodes greedily with the KV cache. After one
+warm-up call of each (compile time excluded), each round calls every side once, in turn, so a
+slow phase of the shared machine hits them alike; each figure is given as min and median over
+the rounds, and the ratios use the medians. tokens/s counts generated tokens per second of the
+whole call (prefill included, as in transformers); the tokens are checked to be identical.
 
-The streaming-score overhead compares the same msjax decode with `score_steps` on and off, for
-two delimiter sets: "typical" (ids covering ~1/32 of the generated tokens: a step every ~30
-tokens, as in reasoning text) and "dense" (half of the vocabulary: some row has a step on nearly
-every decode step, the worst case). It is also compared with what the original design pays: a
-separate full forward over prompt + response to score each finished text ("full_forward_overhead"
-= its time / the decode time). Because end-to-end differences of a few percent drown in the
-noise of a shared machine, "stream_work" also times the streaming work alone (the same
-functions, replayed over the generated tokens) as a fraction of the plain decode time.
+Default case: a batch of left-padded random prompts, `new_tokens` each (no early stop): the
+Sampler (scores off, and scores streamed for two delimiter sets: "typical" = ids covering ~1/32
+of the generated tokens, "dense" = half of the vocabulary, the worst case), the Engine with one
+slot per row, transformers, and the original design's rescoring (a full forward over prompt +
+response). `stream_overhead` = median over rounds of (scored call / plain call of the same
+round) - 1, with a bootstrap 95% interval of that median, in wall time and in process CPU time.
+
+Heavy-tailed case (reasoning RL): each row's response length is drawn from a lognormal
+distribution (median `heavy_median` tokens, sigma 1, clipped to [8, heavy_max]); every side
+produces exactly those tokens. The Engine gets the length as the row's max_new_tokens and refills
+its `slots` as rows end; the fixed-batch Sampler and transformers run the batch until its
+longest row ends, which is what they do when rows stop at EOS at those lengths (a fixed batch
+keeps computing finished rows until the last one ends), so they are called with max_new_tokens =
+the longest length. Useful tokens/s = the sum of the drawn lengths / seconds; `continuous_speedup`
+= Engine / Sampler useful tokens/s (medians).
 """
 
 from __future__ import annotations
@@ -40,31 +46,57 @@ from flax import nnx  # noqa: E402
 
 from experiments.bench_model import MODEL, random_hf_qwen2  # noqa: E402
 from msjax.generate import Sampler, SamplerConfig  # noqa: E402
-from msjax.generate import steps as st  # noqa: E402
+from msjax.generate.engine import Engine, Request  # noqa: E402
 from msjax.models import step_mask, trajectory_score  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
-flags.DEFINE_integer("runs", 7, "Timed runs of each msjax variant.")
-flags.DEFINE_integer("hf_runs", 3, "Timed transformers runs.")
-flags.DEFINE_integer("batch", 32, "Sequences per batch.")
+flags.DEFINE_integer("runs", 15, "Timed rounds of the default case (every side once per round).")
+flags.DEFINE_integer("heavy_runs", 5, "Timed rounds of the heavy-tailed case.")
+flags.DEFINE_integer("batch", 32, "Sequences per batch (both cases).")
 flags.DEFINE_integer("prompt_len", 32, "Prompt length (left-padded, lengths vary by up to 8).")
-flags.DEFINE_integer("new_tokens", 256, "New tokens per sequence.")
-flags.DEFINE_integer("seed", 0, "Seed for the weights and prompts.")
+flags.DEFINE_integer("new_tokens", 256, "New tokens per sequence (default case).")
+flags.DEFINE_integer("heavy_median", 48, "Median response length of the heavy-tailed case.")
+flags.DEFINE_integer("heavy_max", 512, "Longest response of the heavy-tailed case.")
+flags.DEFINE_integer("slots", 8, "Engine slots in the heavy-tailed case.")
+flags.DEFINE_integer("chunk", 16, "Engine decode steps per chunk.")
+flags.DEFINE_integer("seed", 0, "Seed for the weights, prompts and lengths.")
 
 
-def _times(fns: dict, runs: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, after one warm-up call each; the calls are interleaved
-    round by round so that a slow phase of a shared machine hits every fn alike."""
+def _rounds(fns: dict, runs: int) -> dict[str, dict[str, list[float]]]:
+    """Wall and process-CPU seconds of each fn per round, after one warm-up call each; every
+    round calls every fn once, in turn, so a slow phase of a shared machine hits all alike."""
     for fn in fns.values():
         fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    out = {name: {"wall": [], "cpu": []} for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return times
+            out[name]["cpu"].append(time.process_time() - cpu)
+            out[name]["wall"].append(time.perf_counter() - wall)
+    return out
+
+
+def _paired_overhead(num: list[float], den: list[float], seed: int) -> dict[str, float]:
+    """median over rounds of num/den - 1, with a bootstrap 95% interval of that median."""
+    ratios = np.asarray(num) / np.asarray(den)
+    rng = np.random.default_rng(seed)
+    boot = np.median(rng.choice(ratios, size=(4000, len(ratios))), axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return dict(
+        median=round(float(np.median(ratios)) - 1, 4),
+        ci95=[round(float(lo) - 1, 4), round(float(hi) - 1, 4)],
+    )
+
+
+def _stats(times: list[float], tokens: int) -> dict[str, float]:
+    return dict(
+        min_s=round(min(times), 4),
+        median_s=round(statistics.median(times), 4),
+        tokens_per_s=round(tokens / statistics.median(times), 1),
+        best_tokens_per_s=round(tokens / min(times), 1),
+    )
 
 
 def _hf_model(seed: int, path: str):
@@ -81,6 +113,7 @@ def _prompts(rng: np.random.Generator, batch: int, length: int) -> list[list[int
 
 
 def _hf_generate(model, prompts, new_tokens: int):
+    """A call of transformers `generate` on left-padded prompts, exactly `new_tokens` each."""
     import torch
 
     width = max(len(p) for p in prompts)
@@ -143,45 +176,117 @@ def _full_forward_scorer(model, sampler_config: SamplerConfig):
     return score
 
 
-def _stream_work(model, config: SamplerConfig, prompts, out):
-    """The streaming-score work of one decode call replayed ALONE over its generated tokens (the
-    candidate test, the SPRM head under lax.cond, the slot write and the think-tag counts, once
-    per decode step, as `DecodeProgram` does): its cost without the model around it."""
-    graphdef, _ = nnx.split(model)
-    c = config
-    tokens = jnp.asarray(out.tokens)
-    prev0 = jnp.asarray([p[-1] for p in prompts], jnp.int32)
-    plen = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    rows, steps = tokens.shape
+def default_case(hf, model, cfg, params, prompts) -> dict:
+    """Fixed number of new tokens, no early stop: Sampler (3 scoring settings), Engine,
+    transformers and the rescoring forward, interleaved."""
+    n_new, key = FLAGS.new_tokens, jax.random.key(0)
+    generated = len(prompts) * n_new
+    base = SamplerConfig(
+        max_new_tokens=n_new,
+        temperature=0.0,
+        pad_id=0,
+        prompt_buckets=(FLAGS.prompt_len,),
+        score_steps=False,
+    )
+    hf_run = _hf_generate(hf, prompts, n_new)
+    out = Sampler(model, cfg, base)(params, prompts, key=key).to_host()
+    same_hf = bool(np.array_equal(hf_run()[:, -n_new:].numpy(), out.tokens))
+    typical = _delimiters_at_rate(out.tokens, 1 / 32)
+    configs = {
+        "plain": base,
+        "typical": base.replace(score_steps=True, step_ids=typical),
+        "dense": base.replace(score_steps=True, step_ids=tuple(range(0, cfg.vocab_size, 2))),
+    }
 
-    @jax.jit
-    def run(params, hidden):
-        m = nnx.merge(graphdef, params)
-        is_step = jnp.zeros((m.cfg.vocab_size,), bool).at[jnp.asarray(c.step_ids)].set(True)
-        ones = jnp.ones((rows, 1), bool)
-        state = st.init_step_state(prev0[:, None], ones, c.step_capacity, None, None)
+    def sampler_run(config):
+        sampler = Sampler(model, cfg, config)
+        return lambda: jax.block_until_ready(sampler(params, prompts, key=key).tokens)
 
-        def body(t, carry):
-            state, prev = carry
-            y = tokens[:, t]
-            cand = st.is_candidate(prev, y, is_step, c.think_start_id)
-            h = hidden + t.astype(hidden.dtype)  # a new hidden state every step
-            logit = jax.lax.cond(
-                jnp.any(cand),
-                lambda h: m.step_logits(h),
-                lambda h: jnp.zeros(h.shape[:1], jnp.float32),
-                h,
-            )
-            state = st.record(state, cand, logit, plen + t - 1)
-            live = jnp.ones_like(cand)
-            state = st.observe_tags(state, y, plen + t, live, c.think_start_id, c.think_end_id)
-            return state, y
+    engine = Engine(model, cfg, base, slots=len(prompts), chunk=FLAGS.chunk)
+    requests = [Request(p, key=key) for p in prompts]
+    engine_out = engine.generate(params, requests)
+    same_engine = all(np.array_equal(r.tokens[0], out.tokens[i]) for i, r in enumerate(engine_out))
+    tokens, valid = _texts(prompts, out, FLAGS.prompt_len + n_new)
+    scorer = _full_forward_scorer(model, configs["typical"])
+    fns = {"hf": hf_run} | {name: sampler_run(c) for name, c in configs.items()}
+    fns["engine"] = lambda: engine.generate(params, requests)
+    fns["full"] = lambda: jax.block_until_ready(scorer(params, tokens, valid))
+    t = _rounds(fns, FLAGS.runs)
+    wall = {name: v["wall"] for name, v in t.items()}
+    med = {name: statistics.median(v) for name, v in wall.items()}
+    return {
+        "msjax_tokens_per_s": round(generated / med["plain"], 1),
+        "hf_tokens_per_s": round(generated / med["hf"], 1),
+        "ratio": round(med["hf"] / med["plain"], 2),
+        "ratio_of_best": round(min(wall["hf"]) / min(wall["plain"]), 2),
+        "engine_tokens_per_s": round(generated / med["engine"], 1),
+        "same_tokens_as_hf": same_hf,
+        "engine_same_tokens": same_engine,
+        "stream_overhead": _paired_overhead(wall["typical"], wall["plain"], 1)["median"],
+        "stream": {
+            "typical_wall": _paired_overhead(wall["typical"], wall["plain"], 1),
+            "typical_cpu": _paired_overhead(t["typical"]["cpu"], t["plain"]["cpu"], 2),
+            "dense_wall": _paired_overhead(wall["dense"], wall["plain"], 3),
+            "dense_cpu": _paired_overhead(t["dense"]["cpu"], t["plain"]["cpu"], 4),
+            "steps_typical": int(
+                Sampler(model, cfg, configs["typical"])(params, prompts, key=key).num_steps.sum()
+            ),
+        },
+        "full_forward_overhead": round(med["full"] / med["plain"], 4),
+        "sides": {name: _stats(v, generated) for name, v in wall.items() if name != "full"},
+        "cpu_over_wall": {name: round(sum(v["cpu"]) / sum(v["wall"]), 2) for name, v in t.items()},
+    }
 
-        state, _ = jax.lax.fori_loop(0, steps, body, (state, prev0))
-        return st.final_steps(state, plen + steps)[0]
 
-    hidden = jnp.ones((rows, model.cfg.hidden_size), jnp.float32)
-    return lambda: jax.block_until_ready(run(nnx.state(model), hidden))
+def heavy_case(hf, model, cfg, params, prompts) -> dict:
+    """Heavy-tailed response lengths: Engine (refills slots) vs Sampler vs transformers."""
+    rng = np.random.default_rng(FLAGS.seed + 1)
+    lengths = np.clip(
+        np.round(FLAGS.heavy_median * np.exp(rng.standard_normal(len(prompts)))), 8, FLAGS.heavy_max
+    ).astype(int)
+    longest, useful, key = int(lengths.max()), int(lengths.sum()), jax.random.key(0)
+    base = SamplerConfig(
+        max_new_tokens=longest,
+        temperature=0.0,
+        pad_id=0,
+        prompt_buckets=(FLAGS.prompt_len,),
+        score_steps=False,
+    )
+    sampler = Sampler(model, cfg, base)
+    engine = Engine(model, cfg, base, slots=FLAGS.slots, chunk=FLAGS.chunk)
+    requests = [
+        Request(p, key=key, row_id=i, max_new_tokens=int(n))
+        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+    ]
+    ref = sampler(params, prompts, key=key).to_host()
+    got = engine.generate(params, requests)
+    same = all(
+        np.array_equal(r.tokens[0, :n], ref.tokens[i, :n])
+        for i, (r, n) in enumerate(zip(got, lengths, strict=True))
+    )
+    fns = {
+        "hf": _hf_generate(hf, prompts, longest),
+        "sampler": lambda: jax.block_until_ready(sampler(params, prompts, key=key).tokens),
+        "engine": lambda: engine.generate(params, requests),
+    }
+    t = _rounds(fns, FLAGS.heavy_runs)
+    wall = {name: v["wall"] for name, v in t.items()}
+    med = {name: statistics.median(v) for name, v in wall.items()}
+    return {
+        "continuous_speedup": round(med["sampler"] / med["engine"], 2),
+        "engine_vs_hf": round(med["hf"] / med["engine"], 2),
+        "sides_useful": {name: _stats(v, useful) for name, v in wall.items()},
+        "engine_same_tokens": same,
+        "lengths": dict(
+            rows=len(prompts),
+            median=int(np.median(lengths)),
+            mean=round(float(lengths.mean()), 1),
+            max=longest,
+            useful_share_of_fixed_batch=round(useful / (len(prompts) * longest), 3),
+        ),
+        "slots": FLAGS.slots,
+        "chunk": FLAGS.chunk,
+    }
 
 
 def main(argv):
@@ -193,75 +298,23 @@ def main(argv):
     torch.set_num_threads(os.cpu_count() or 1)
     rng = np.random.default_rng(FLAGS.seed)
     prompts = _prompts(rng, FLAGS.batch, FLAGS.prompt_len)
-    n_new = FLAGS.new_tokens
-    generated = FLAGS.batch * n_new
     with tempfile.TemporaryDirectory() as tmp:
         hf = _hf_model(FLAGS.seed, tmp)
         model, cfg = load_any(tmp)
     params = nnx.state(model)
-    key = jax.random.key(0)
-
-    def msjax_run(config):
-        sampler = Sampler(model, cfg, config)
-        return lambda: jax.block_until_ready(sampler(params, prompts, key=key).tokens)
-
-    base = SamplerConfig(
-        max_new_tokens=n_new,
-        temperature=0.0,
-        pad_id=0,
-        prompt_buckets=(FLAGS.prompt_len,),
-        score_steps=False,
+    result = default_case(hf, model, cfg, params, prompts)
+    heavy = heavy_case(hf, model, cfg, params, prompts)
+    result["continuous_speedup"] = heavy.pop("continuous_speedup")
+    result["heavy"] = heavy
+    result.update(
+        batch=FLAGS.batch,
+        prompt_len=FLAGS.prompt_len,
+        new_tokens=FLAGS.new_tokens,
+        runs=FLAGS.runs,
+        heavy_runs=FLAGS.heavy_runs,
+        devices=f"{jax.devices()[0].platform} x{jax.device_count()}",
+        torch_threads=torch.get_num_threads(),
     )
-    hf_run = _hf_generate(hf, prompts, n_new)
-    hf_times = _times({"hf": hf_run}, FLAGS.hf_runs)["hf"]
-    out = Sampler(model, cfg, base)(params, prompts, key=key).to_host()
-    same = bool(np.array_equal(hf_run()[:, -n_new:].numpy(), out.tokens))
-
-    # Delimiter sets (greedy tokens do not depend on them): "typical" = ids covering ~1/32 of
-    # the generated tokens (a step every ~30 tokens, as in reasoning text); "dense" = half of
-    # the vocabulary (some row has a step on nearly every decode step: the worst case).
-    typical = _delimiters_at_rate(out.tokens, 1 / 32)
-    dense = tuple(range(0, cfg.vocab_size, 2))
-    configs = {
-        "plain": base,
-        "typical": base.replace(score_steps=True, step_ids=typical),
-        "dense": base.replace(score_steps=True, step_ids=dense),
-    }
-    steps = {
-        name: int(Sampler(model, cfg, c)(params, prompts, key=key).num_steps.sum())
-        for name, c in configs.items()
-        if c.score_steps
-    }
-    tokens, valid = _texts(prompts, out, FLAGS.prompt_len + n_new)
-    scorer = _full_forward_scorer(model, configs["typical"])
-    fns = {name: msjax_run(c) for name, c in configs.items()}
-    fns["full"] = lambda: jax.block_until_ready(scorer(params, tokens, valid))
-    fns["work_typical"] = _stream_work(model, configs["typical"], prompts, out)
-    fns["work_dense"] = _stream_work(model, configs["dense"], prompts, out)
-    times = _times(fns, FLAGS.runs)
-    t = {name: min(v) for name, v in times.items()}
-    result = {
-        "msjax_tokens_per_s": round(generated / t["plain"], 1),
-        "hf_tokens_per_s": round(generated / min(hf_times), 1),
-        "ratio": round(min(hf_times) / t["plain"], 2),
-        "same_tokens_as_hf": same,
-        "msjax_scored_tokens_per_s": round(generated / t["typical"], 1),
-        "stream_overhead": round(t["typical"] / t["plain"] - 1, 4),
-        "stream_overhead_dense": round(t["dense"] / t["plain"] - 1, 4),
-        "stream_work": round(t["work_typical"] / t["plain"], 4),
-        "stream_work_dense": round(t["work_dense"] / t["plain"], 4),
-        "full_forward_overhead": round(t["full"] / t["plain"], 4),
-        "steps_typical": steps["typical"],
-        "steps_dense": steps["dense"],
-        "hf_median_s": round(statistics.median(hf_times), 3),
-        **{f"{name}_median_s": round(statistics.median(v), 3) for name, v in times.items()},
-        "batch": FLAGS.batch,
-        "prompt_len": FLAGS.prompt_len,
-        "new_tokens": n_new,
-        "runs": FLAGS.runs,
-        "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
-        "torch_threads": torch.get_num_threads(),
-    }
     if FLAGS.json:
         print(json.dumps(result))
         return

@@ -1,7 +1,9 @@
-"""Rollouts and test-time scaling: the jitted KV-cache sampler with streamed SPRM step scores,
-Best-of-N / votes / early pruning, and the metrics that compare them."""
+"""Rollouts and test-time scaling: the fixed-batch jitted KV-cache Sampler and the continuous
+batching Engine (per-request settings), both with streamed SPRM step scores; Best-of-N / votes /
+early pruning, and the metrics that compare them."""
 
 from msjax.generate.config import FINISH_REASONS, SamplerConfig
+from msjax.generate.engine import Engine, EngineSampler, Request
 from msjax.generate.pruning import PruneRule
 from msjax.generate.sampler import Sampler, SampleResult
 from msjax.generate.tts import (
@@ -24,7 +26,10 @@ __all__ = [
     "MODES",
     "Candidate",
     "Choice",
+    "Engine",
+    "EngineSampler",
     "PruneRule",
+    "Request",
     "SampleResult",
     "Sampler",
     "SamplerConfig",

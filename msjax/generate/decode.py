@@ -123,7 +123,7 @@ class DecodeProgram:
             take = lambda x, axis=0: _repeat(x, self.n, axis)
         else:
             take = lambda x, axis=0: jnp.take(x, source, axis=axis)
-        pad = ((0, 0), (0, 0), (0, c.max_new_tokens), (0, 0), (0, 0))
+        pad = ((0, 0), (0, 0), (0, 0), (0, c.max_new_tokens), (0, 0))
         cache = KVCache(jnp.pad(take(out.cache.k, 1), pad), jnp.pad(take(out.cache.v, 1), pad))
         row_prompt, row_valid = take(prompt), take(valid)
         keys = row_keys(key, row_ids)

@@ -41,8 +41,8 @@ import jax
 
 from msjax.evaluation import pool_candidates, pooled_best_of_n
 from msjax.generate.config import SamplerConfig
+from msjax.generate.engine import EngineSampler
 from msjax.generate.pruning import PruneRule
-from msjax.generate.sampler import Sampler
 from msjax.generate.tts import (
     SELECTIONS,
     Choice,
@@ -142,8 +142,9 @@ def prompt_buckets(max_prompt: int, smallest: int = 64) -> tuple[int, ...]:
     return tuple(out)
 
 
-def build_sampler(model, cfg, tokenizer, options: InferOptions, mesh=None) -> Sampler:
-    """The Sampler for `options` (EOS, pad, step and think ids from the tokenizer)."""
+def build_sampler(model, cfg, tokenizer, options: InferOptions, mesh=None) -> EngineSampler:
+    """The continuous engine, called like a Sampler, for `options` (EOS, pad, step and think ids
+    from the tokenizer)."""
     limit = cfg.max_position_embeddings - options.max_new_tokens
     if limit < 1:
         raise ValueError(
@@ -160,7 +161,7 @@ def build_sampler(model, cfg, tokenizer, options: InferOptions, mesh=None) -> Sa
         prompt_buckets=prompt_buckets(limit, min(64, limit)),
         prune=options.prune,
     )
-    return Sampler(model, cfg, config, mesh=mesh)
+    return EngineSampler(model, cfg, config, mesh=mesh)
 
 
 def _candidate_row(c, correct: bool | None) -> dict[str, Any]:

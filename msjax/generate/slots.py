@@ -202,7 +202,7 @@ class SlotProgram:
             compute_logits=False,
         )
         slot = b.slot
-        put = lambda big, new: big.at[:, slot, :length].set(
+        put = lambda big, new: big.at[:, slot, :, :length].set(
             jnp.take(new, b.source, axis=1), mode="drop"
         )
         cache = KVCache(put(cache.k, out.cache.k), put(cache.v, out.cache.v))
@@ -348,7 +348,7 @@ class SlotProgram:
         """Up to `steps` decode steps (fewer once no slot runs) attending over cache slots
         [0, window), which must cover every running slot's text. Returns (cache, state)."""
         model = nnx.merge(self.graphdef, params)
-        win = KVCache(cache.k[:, :, :window], cache.v[:, :, :window])
+        win = KVCache(cache.k[:, :, :, :window], cache.v[:, :, :, :window])
 
         def body(carry):
             s, win, i = carry

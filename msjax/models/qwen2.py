@@ -131,7 +131,7 @@ class Attention(nnx.Module):
           mask: which key slots each query may see.
           kv_write: None (keys = this call's keys), or a function (k, v) -> (keys, values,
             state) that stores k/v [batch, seq, kv_heads, head_dim] into a cache and returns
-            the cached keys/values [batch, cache_len, kv_heads, head_dim] plus the new cache.
+            the cached keys/values [batch, kv_heads, cache_len, head_dim] plus the new cache.
         Returns (y: [batch, seq, embed], state from kv_write or None).
         """
         cfg, dt = self.cfg, self.cfg.jnp_dtype
@@ -164,7 +164,8 @@ _KV_AXES = ("batch", "seq", "act_kv_heads", None)
 
 
 def _attention(q, k, v, mask: AttentionMask, cfg: ModelConfig, causal_self: bool):
-    """q: [b, t, kv, g, d]; k/v: [b, s, kv, d] -> [b, t, kv, g, d].
+    """q: [b, t, kv, g, d]; k/v: [b, s, kv, d] (this call's own keys, `causal_self`) or
+    [b, kv, s, d] (a cache's layout) -> [b, t, kv, g, d].
 
     "chunked" runs blocks of `attention_chunk` queries one at a time (each rematerialised in the
     backward pass), so only [chunk, s] scores are live instead of [t, s]. "dense" on this call's
@@ -179,7 +180,8 @@ def _attention(q, k, v, mask: AttentionMask, cfg: ModelConfig, causal_self: bool
     scale = 1.0 / math.sqrt(cfg.head_dim)
     b, t = q.shape[:2]
     q = q.transpose(0, 2, 3, 1, 4)  # [b, kv, g, t, d]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, s, d]
+    if causal_self:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, s, d]
     chunk = cfg.attention_chunk
     if cfg.attention == "chunked" and t > chunk:
         n = -(-t // chunk)
@@ -371,16 +373,17 @@ def _cache_writer(cache: KVCache, layer, index):
     whole-stack cache in place."""
 
     def write(k, v):
-        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)  # [b, t, kv, d]
         if jnp.ndim(index) == 0:
-            start = (layer, 0, index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(cache.k, k[None], start)
-            cv = jax.lax.dynamic_update_slice(cache.v, v[None], start)
+            start = (layer, 0, 0, index, 0)
+            ck = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3)[None], start)
+            cv = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3)[None], start)
         else:
             rows = jnp.arange(k.shape[0])[:, None]
             cols = index[:, None] + jnp.arange(k.shape[1])[None, :]
-            ck = cache.k.at[layer, rows, cols].set(k, mode="drop")
-            cv = cache.v.at[layer, rows, cols].set(v, mode="drop")
+            # Advanced indices split by a slice: the update is indexed [b, t, kv, d].
+            ck = cache.k.at[layer, rows, :, cols].set(k, mode="drop")
+            cv = cache.v.at[layer, rows, :, cols].set(v, mode="drop")
         return ck[layer], cv[layer], KVCache(ck, cv)
 
     return write

@@ -2,10 +2,10 @@
 
 One `Trainer.run()` loop step ("RL step"):
   1. the next batch of prompts from the grain pipeline (the same global batch on every process),
-  2. `group_size` samples per prompt from the jitted sampler, run on the decode copy of the LIVE
-     parameters (msjax.generate.weights: refreshed once per RL step, tensor-parallel, no per-token
-     weight gathers; SPRM trajectory scores come from it), in calls of at most
-     `rollout.max_rows_per_call` sequences (the KV cache holds one call's rows),
+  2. `group_size` samples per prompt from the continuous-batching engine (msjax.generate.engine:
+     `rollout.max_rows_per_call` slots, each refilled as soon as its row ends), run on the decode
+     copy of the LIVE parameters (msjax.generate.weights: refreshed once per RL step,
+     tensor-parallel, no per-token weight gathers; SPRM trajectory scores come from it),
   3. outcome rewards (`config.reward`; each process verifies its own share of the rows, the
      shares are all-gathered and checksummed, so every process trains on the same rewards),
      GRPO advantages,
@@ -51,7 +51,8 @@ from msjax.data import build_synthetic_steps, build_synthetic_tokenizer, load_so
 from msjax.data.local_math import build_local_math, files_config_name
 from msjax.data.pipeline import PromptPipeline
 from msjax.generate.config import FINISH_REASONS, SamplerConfig
-from msjax.generate.sampler import Sampler, SampleResult
+from msjax.generate.engine import EngineSampler
+from msjax.generate.sampler import SampleResult
 from msjax.generate.weights import DecodeWeights
 from msjax.metrics import MetricsWriter
 from msjax.models.reflective import abstract_model, create_model
@@ -154,11 +155,16 @@ class Trainer:
         )
         self.pipeline = self._pipeline()
         self.data_iter = iter(self.pipeline)
-        self.sampler = Sampler(graphdef, self.model_cfg, self._sampler_config(), self.mesh)
-        self.response_widths = rollout.response_widths(
-            c.rollout.max_new_tokens, c.rollout.response_buckets
+        r = c.rollout
+        self.sampler = EngineSampler(
+            graphdef,
+            self.model_cfg,
+            self._sampler_config(),
+            self.mesh,
+            slots=r.max_rows_per_call or r.prompts_per_step * r.group_size,
         )
-        self.decode_weights = DecodeWeights(abstract, self.mesh, c.rollout.decode_dtype)
+        self.response_widths = rollout.response_widths(r.max_new_tokens, r.response_buckets)
+        self.decode_weights = DecodeWeights(abstract, self.mesh, r.decode_dtype)
         self.reward = None
         self.rl_step = 0
         self.manager = ocp.CheckpointManager(
@@ -405,25 +411,11 @@ class Trainer:
         return tb, metrics
 
     def _sample(self, tokens: np.ndarray, mask: np.ndarray, n: int, key) -> SampleResult:
-        """n samples per prompt with the live params, at most rollout.max_rows_per_call sequences
-        per sampler call (the KV cache holds one call's rows); a host SampleResult. Prompts keep
-        their batch index as sampling id, so the samples do not depend on the split."""
-        per_call = self.config.rollout.max_rows_per_call // n or len(tokens)
+        """n samples per prompt through the engine's slots (at most rollout.max_rows_per_call
+        sequences decode at once), on the decode copy of the live params refreshed once here; a
+        host SampleResult. Prompts keep their batch index as sampling id."""
         params = self.decode_weights.refresh(self.state.params)
-        parts = []
-        for start in range(0, len(tokens), per_call):
-            part = slice(start, start + per_call)
-            ids = np.arange(len(tokens))[part]
-            res = self.sampler(
-                params,
-                tokens[part],
-                prompt_mask=mask[part],
-                n=n,
-                key=key,
-                prompt_ids=ids,
-            )
-            parts.append(res.to_host())
-        return parts[0] if len(parts) == 1 else jax.tree.map(lambda *x: np.concatenate(x), *parts)
+        return self.sampler(params, tokens, prompt_mask=mask, n=n, key=key)
 
     def _rewards(self, prompts: list, responses: list, golds: list[str]) -> np.ndarray:
         """Rewards f32[rows] of prompt + response token ids against golds, identical on every
