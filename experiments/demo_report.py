@@ -256,10 +256,10 @@ def markdown(report: dict, config) -> str:
     for part, what in (("sft", "SFT data (gold vs flawed)"), ("rl", "RL rollouts")):
         a = report["aha"][part]
         sep = a["separation_step"]
+        stays = f"from step {sep} on" if sep is not None else "not by the end of the run"
         lines.append(
-            f"- Mean SPRM score, {what}: correct and wrong stay separated by >= 0.1 "
-            f"({a['window']}-step mean) "
-            + (f"from step {sep} on." if sep is not None else "never to the end of the run.")
+            f"- Mean SPRM score, {what}: correct and wrong separated by >= 0.1 for good "
+            f"({a['window']}-step mean): {stays}."
         )
     lines += ["", "## Goals", ""]
     for name, ok in report["goals"].items():

@@ -63,12 +63,59 @@ def test_report_has_every_key_with_sane_values(demo_runs):
     assert isinstance(report["minutes"], float) and 0 < report["minutes"] < 60
     # random@k is the mean correctness of the same candidates: equal for every k and to pass@1
     assert report["random"]["32"] == pytest.approx(report["pass1_after_rl"])
-    for png in ("accuracy_vs_k.png", "score_histograms.png", "training_curves.png"):
+    for png in (
+        "accuracy_vs_k.png",
+        "accuracy_vs_tokens.png",
+        "score_histograms.png",
+        "training_curves.png",
+    ):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, png
     md = (out / "report.md").read_text()
-    assert "pass@1 before RL" in md and "| 32 (high) |" in md
+    assert "pass@1 before RL" in md and "| 32 (high) |" in md and "BoN - majority" in md
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "score_module.pt").is_file()
+
+
+def test_report_k_curve_tokens_and_aha(demo_runs):
+    out = demo_runs[0]
+    report = json.loads((out / "report.json").read_text())
+    after = json.loads((out / "stages" / "eval_after.json").read_text())
+    prune = json.loads((out / "stages" / "prune.json").read_text())
+    pass1 = report["pass1_after_rl"]
+    curve = report["k_curve"]
+    assert sorted(curve) == ["bon", "maj", "random", "weighted"]
+    for name, by_k in curve.items():
+        assert sorted(by_k, key=int) == ["1", "2", "4", "8", "16", "32"], name
+        for k, (acc, low, high) in by_k.items():
+            assert 0.0 <= low <= acc <= high <= 1.0, (name, k)
+            if k in report[name]:
+                assert acc == pytest.approx(report[name][k]), (name, k)
+        # one candidate: every rule picks it; random is pass@1 at every k
+        assert by_k["1"][0] == pytest.approx(pass1), name
+    assert all(v[0] == pytest.approx(pass1) for v in curve["random"].values())
+    assert sorted(report["k_curve_before_rl"]["bon"], key=int) == ["1", "2", "4", "8", "16", "32"]
+    for k, (diff, low, high) in report["bon_vs_maj"].items():
+        assert diff == pytest.approx(curve["bon"][k][0] - curve["maj"][k][0])
+        assert -1.0 <= low <= diff <= high <= 1.0
+    # tokens: k candidates cost k times a candidate's mean length; pruning never costs more
+    per_candidate = after["tokens_generated"] / (report["eval_problems"] * report["eval_k_max"])
+    full, pruned = report["tokens_curve"]["full"], report["tokens_curve"]["pruned"]
+    for k, row in full.items():
+        assert row["tokens_per_problem"] == pytest.approx(int(k) * per_candidate)
+        assert row["bon"] == curve["bon"][k]
+    assert sorted(pruned, key=int) == ["2", "8", "32"]
+    assert pruned["32"]["tokens_per_problem"] == pytest.approx(
+        prune["tokens_generated"] / report["eval_problems"]
+    )
+    assert pruned["32"]["bon"][0] == pytest.approx(prune["bon"])
+    # aha: the RL steps and the SFT phase-2 steps, separation step one of them or null
+    aha = report["aha"]
+    assert aha["rl"]["steps"] == [1, 2] and aha["sft"]["steps"] == [3, 4, 5]
+    for part in ("rl", "sft"):
+        a = aha[part]
+        assert len(a["correct"]) == len(a["wrong"]) == len(a["steps"])
+        assert a["separation_step"] is None or a["separation_step"] in a["steps"]
+    assert "BoN@k_max > majority@k_max (95% interval of the difference above 0)" in report["goals"]
 
 
 def test_second_invocation_resumes(demo_runs):
@@ -138,6 +185,8 @@ def test_evidence_study_at_micro_scale(demo_runs, tmp_path):
     (same recipe and seeds), so only seed 1's pipeline and the variants run here."""
     out = tmp_path / "study"
     shutil.copytree(demo_runs[0], out / "seed0" / "original", symlinks=True)
+    # the same programs compile for seed 1 and the variants: start from the demo's cache
+    shutil.copytree(demo_runs[0] / "jax_cache", out / "jax_cache")
     cmd = [
         sys.executable,
         "-m",

@@ -83,14 +83,14 @@ def test_default_ks():
 
 def test_bootstrap_interval_matches_the_normal_approximation():
     rng = np.random.default_rng(1)
-    values = (rng.random(4000) < 0.4).astype(float)
-    mean, low, high = bootstrap_ci(values, resamples=4000)
+    values = (rng.random(2000) < 0.4).astype(float)
+    mean, low, high = bootstrap_ci(values, resamples=2000)
     half = 1.959964 * values.std() / math.sqrt(len(values))
     assert mean == pytest.approx(values.mean())
-    assert low == pytest.approx(mean - half, abs=0.003)
-    assert high == pytest.approx(mean + half, abs=0.003)
+    assert low == pytest.approx(mean - half, abs=0.004)
+    assert high == pytest.approx(mean + half, abs=0.004)
     # 90% is narrower; constant values have a zero-width interval
-    _, low90, high90 = bootstrap_ci(values, level=0.9, resamples=4000)
+    _, low90, high90 = bootstrap_ci(values, level=0.9, resamples=2000)
     assert high90 - low90 < high - low
     assert bootstrap_ci(np.full(10, 0.25)) == pytest.approx([0.25, 0.25, 0.25])
     with pytest.raises(ValueError, match="shape"):
