@@ -181,11 +181,9 @@ def summarize(out: Path, seeds: list[int], variants: list[str], k_max: int) -> d
             "wins_every_seed": all(d[0] > 0 for d in per_seed.values()),
         }
     winners = [v for v in variants if result["vs_original"][v]["wins_every_seed"]]
-    result["recommended_default"] = winners[0] if len(winners) == 1 else ORIGINAL
-    if len(winners) > 1:
-        result["recommended_default"] = max(
-            winners, key=lambda v: result["vs_original"][v]["bon_diff_pooled"][0]
-        )
+    result["recommended_default"] = max(
+        winners, key=lambda v: result["vs_original"][v]["bon_diff_pooled"][0], default=ORIGINAL
+    )
     return result
 
 
