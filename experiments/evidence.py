@@ -58,7 +58,10 @@ SHARED_STAGES = ("data", "sft", "eval_before")
 def check_variant(text: str) -> str:
     """The variant's name, or ValueError naming the accepted forms."""
     if text != "frozen":
-        parse_variant(text)
+        try:
+            parse_variant(text)
+        except ValueError as e:
+            raise ValueError(f"{e}, or frozen") from e
     return text
 
 
@@ -274,11 +277,13 @@ def main(argv: list[str]) -> None:
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "msjax.data.pipeline", "math_verify"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not all(s.isdigit() for s in _SEEDS.value):
+        raise app.UsageError(f"--seeds={_SEEDS.value}: give non-negative integers, e.g. 0,1,2.")
+    seeds = [int(s) for s in _SEEDS.value]
     try:
-        seeds = [int(s) for s in _SEEDS.value]
         variants = [check_variant(v) for v in _VARIANTS.value]
     except ValueError as e:
-        raise app.UsageError(f"{e} (variants: bce, spr:T, soft:T or frozen)") from e
+        raise app.UsageError(str(e)) from e
     if len(set(variants)) != len(variants) or ORIGINAL in variants:
         raise app.UsageError(f"--variants={variants}: list each change once, without 'original'.")
     config = CONFIG.value
