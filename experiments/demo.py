@@ -35,7 +35,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 from msjax import checkpoint as ckpt
@@ -50,6 +50,10 @@ from msjax.data import (
 )
 from msjax.data.pipeline import as_text, default_buckets
 from msjax.evaluation import (
+    bootstrap_ci,
+    default_ks,
+    k_curve,
+    per_problem_accuracy,
     roc_auc,
     sample_candidates,
     scaling_metrics,
@@ -63,10 +67,28 @@ log = logging.getLogger("demo")
 STAGES = ("data", "sft", "eval_before", "rl", "eval_after", "prune", "export", "report")
 # Config fields that may change between the invocations of one run.
 RUNTIME_FIELDS = {"out_dir", "stop_after", "log", "compilation_cache"}
-# The recipe flag (also used by experiments.sweeps, which import this module).
-CONFIG = config_flags.DEFINE_config_file(
-    "config", str(Path(__file__).with_name("configs") / "demo.py"), "Demo recipe."
-)
+
+
+def config_flag(recipe: str = "demo.py"):
+    """Defines the --config recipe flag (once per program: the demo, experiments.sweeps.* and
+    experiments.evidence each call it), default experiments/configs/<recipe>."""
+    path = Path(__file__).with_name("configs") / recipe
+    return config_flags.DEFINE_config_file("config", str(path), "Demo recipe.")
+
+
+def parse_variant(text: str) -> tuple[str, float]:
+    """An SPR loss variant: 'bce' -> ("bce", 0.5); 'spr:0.3' -> ("spr", 0.3); 'soft:0.5'
+    likewise; ValueError naming the accepted forms otherwise."""
+    name, _, thr = text.partition(":")
+    if name not in ("bce", "spr", "soft"):
+        raise ValueError(f"variant {text!r}: use bce, spr:<threshold> or soft:<threshold>")
+    try:
+        threshold = float(thr) if thr else 0.5
+    except ValueError as e:
+        raise ValueError(f"variant {text!r}: threshold {thr!r} is not a number") from e
+    if not 0 < threshold < 1:
+        raise ValueError(f"variant {text!r}: the threshold must be in (0, 1)")
+    return name, threshold
 
 
 def write_json(path: Path, data) -> None:
@@ -325,8 +347,13 @@ class Demo:
         return lab.positions, {"on_track": lab.on_track, "locally_correct": lab.locally_correct}
 
     def summary(self, cands, ks, name: str | None = None) -> dict:
-        """Metrics of a candidate set; raw scores go to out/<name>.npz for the plots."""
+        """Metrics of a candidate set: accuracy at `ks`, the k-curve with 95% intervals over
+        problems at every power of two up to k, AUROCs. The per-problem accuracies and raw scores
+        go to out/<name>.npz (plots, and experiments.evidence pools them over seeds)."""
         metrics = scaling_metrics(cands.correct, cands.scores, cands.answers, ks, cands.eligible)
+        per = per_problem_accuracy(
+            cands.correct, cands.scores, cands.answers, default_ks(cands.correct.shape[1])
+        )
         step_s, step_l, unmatched = step_scores_and_labels(cands, self._labeler)
         within = within_problem_auroc(cands.scores, cands.correct)
         if name:
@@ -334,11 +361,16 @@ class Demo:
                 self.out / f"{name}.npz",
                 traj_scores=cands.scores,
                 correct=cands.correct,
+                lengths=cands.lengths,
                 step_scores=step_s,
                 **{f"step_{k}": v for k, v in step_l.items()},
+                **{f"per_{m}_{k}": v for m, by_k in per.items() for k, v in by_k.items()},
             )
         return {
             **metrics,
+            "k_curve": k_curve(per),
+            "bon_vs_maj": {str(k): bootstrap_ci(per["bon"][k] - per["maj"][k]) for k in per["bon"]},
+            "tokens_per_problem": {str(k): k * float(cands.lengths.mean()) for k in per["bon"]},
             "traj_auroc": roc_auc(cands.scores.ravel(), cands.correct.ravel()),
             "traj_auroc_within": within[0],
             "mixed_problems": within[1],
@@ -384,24 +416,37 @@ class Demo:
         return self.summary(cands, list(self.c.eval.ks), "after")
 
     def stage_prune(self) -> dict:
+        """SPRM-guided pruning: k_max pruned candidates per problem against the unpruned ones
+        (same keys), and accuracy against generated tokens at every k of config.eval.ks, each
+        k sampled on its own (the rule compares a problem's k candidates with each other)."""
         rule = PruneRule.parse(self.c.eval.prune)
-        cands = self.evaluate(self.paths["rl"], self.c.eval.k_max, prune=rule)
+        k_max = self.c.eval.k_max
         full = self.done("eval_after")
-        k = str(self.c.eval.k_max)
-        pruned = scaling_metrics(
-            cands.correct, cands.scores, cands.answers, [self.c.eval.k_max], cands.eligible
-        )
+        curve, pruned = {}, None
+        for k in sorted({*self.c.eval.ks, k_max}):
+            cands = self.evaluate(self.paths["rl"], k, prune=rule)
+            per = per_problem_accuracy(
+                cands.correct, cands.scores, cands.answers, [k], cands.eligible
+            )
+            curve[str(k)] = {
+                "tokens_per_problem": cands.tokens_generated / len(cands.golds),
+                **{m: bootstrap_ci(per[m][k]) for m in ("bon", "maj", "weighted")},
+            }
+            if k == k_max:
+                pruned = cands
+        k = str(k_max)
         return {
             "rule": self.c.eval.prune,
-            "tokens_generated": cands.tokens_generated,
+            "tokens_generated": pruned.tokens_generated,
             "tokens_full": full["tokens_generated"],
-            "token_savings": 1.0 - cands.tokens_generated / max(full["tokens_generated"], 1),
-            "bon": pruned["bon"][k],
+            "token_savings": 1.0 - pruned.tokens_generated / max(full["tokens_generated"], 1),
+            "bon": curve[k]["bon"][0],
             "bon_full": full["bon"][k],
-            "accuracy_change": pruned["bon"][k] - full["bon"][k],
-            "maj": pruned["maj"][k],
+            "accuracy_change": curve[k]["bon"][0] - full["bon"][k],
+            "maj": curve[k]["maj"][0],
             "maj_full": full["maj"][k],
-            "pruned_candidates": int((~cands.eligible).sum()),
+            "pruned_candidates": int((~pruned.eligible).sum()),
+            "curve": curve,
         }
 
     def stage_export(self) -> dict:
@@ -439,7 +484,7 @@ def main(argv: list[str]) -> None:
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "msjax.data.pipeline", "math_verify"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    config = CONFIG.value
+    config = flags.FLAGS.config
     if config.stop_after and config.stop_after not in STAGES:
         raise app.UsageError(f"--config.stop_after={config.stop_after!r}; choose one of {STAGES}.")
     if config.compilation_cache:
@@ -458,4 +503,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    config_flag()
     app.run(main)

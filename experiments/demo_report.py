@@ -8,8 +8,17 @@ from pathlib import Path
 
 import numpy as np
 
+from msjax.evaluation import separation_step
 from msjax.metrics import read_metrics
 from msjax.tokenizer import atomic_write_text
+
+MODES = {2: "low", 8: "medium", 32: "high"}  # the paper's reasoning-effort modes
+METHOD_LABELS = (
+    ("bon", "Best-of-k by SPRM", "o-"),
+    ("maj", "majority vote", "s-"),
+    ("weighted", "SPRM-weighted vote", "^--"),
+    ("random", "random pick", "x:"),
+)
 
 GOALS = {
     "pass@1 after RL > before": lambda r: r["pass1_after_rl"] > r["pass1_before_rl"],
@@ -21,6 +30,15 @@ GOALS = {
     "pruning saves >= 30% tokens": lambda r: r["prune_token_savings"] >= 0.30,
     "pruning accuracy within 1 point": lambda r: abs(r["prune_accuracy_change"]) <= 0.01,
     "HF greedy parity": lambda r: r["hf_greedy_parity"],
+    "BoN rises from k = 2 to k_max": lambda r: (
+        r["k_curve"]["bon"][str(r["eval_k_max"])][0] > r["k_curve"]["bon"]["2"][0]
+    ),
+    "BoN@k_max >= pass@1 + 10 points": lambda r: (
+        r["k_curve"]["bon"][str(r["eval_k_max"])][0] >= r["pass1_after_rl"] + 0.10
+    ),
+    "BoN@k_max > majority@k_max (95% interval of the difference above 0)": lambda r: (
+        r["bon_vs_maj"][str(r["eval_k_max"])][1] > 0
+    ),
 }
 
 
@@ -40,23 +58,43 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_accuracy_vs_k(report: dict, path: Path) -> None:
+    """Accuracy against k with the 95% intervals over problems (report["k_curve"])."""
     plt = _plt()
-    ks = sorted(int(k) for k in report["bon"])
+    curve = report["k_curve"]
+    ks = sorted(int(k) for k in curve["bon"])
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, label, style in (
-        ("bon", "Best-of-k by SPRM", "o-"),
-        ("maj", "majority vote", "s-"),
-        ("weighted", "SPRM-weighted vote", "^--"),
-        ("random", "random pick", "x:"),
-    ):
-        if name in report:
-            ax.plot(ks, [report[name][str(k)] for k in ks], style, label=label)
+    for name, label, style in METHOD_LABELS:
+        acc, low, high = np.asarray([curve[name][str(k)] for k in ks], np.float64).T
+        ax.errorbar(ks, acc, yerr=[acc - low, high - acc], fmt=style, capsize=3, label=label)
     ax.axhline(report["pass1_after_rl"], color="gray", lw=1, label="pass@1 after RL")
     ax.axhline(report["pass1_before_rl"], color="gray", lw=1, ls="--", label="pass@1 before RL")
     ax.set_xscale("log", base=2)
-    ax.set_xticks(ks, [f"{k}\n({m})" for k, m in zip(ks, ("low", "medium", "high"), strict=False)])
+    ax.set_xticks(ks, [f"{k}\n({MODES[k]})" if k in MODES else str(k) for k in ks])
     ax.set_xlabel("candidates k (mode)")
-    ax.set_ylabel("accuracy on held-out problems")
+    ax.set_ylabel("accuracy on held-out problems (95% CI)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_tokens(report: dict, path: Path) -> None:
+    """The scaling-law plot: accuracy against generated tokens per problem, without pruning
+    (every k of the k-curve) and with SPRM pruning (each k sampled with the prune rule)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for part, style in (("full", "-"), ("pruned", "--")):
+        rows = report["tokens_curve"][part]
+        ks = sorted(rows, key=int)
+        tokens = [rows[k]["tokens_per_problem"] for k in ks]
+        for name, marker in (("bon", "o"), ("maj", "s")):
+            acc, low, high = np.asarray([rows[k][name] for k in ks], np.float64).T
+            label = f"{'BoN by SPRM' if name == 'bon' else 'majority'}, {part}"
+            ax.errorbar(tokens, acc, yerr=[acc - low, high - acc], fmt=marker + style,
+                        capsize=3, label=label)  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("generated tokens per problem (all k candidates)")
+    ax.set_ylabel("accuracy on held-out problems (95% CI)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path)
@@ -95,25 +133,41 @@ def _smooth(values: list[float], window: int = 20) -> np.ndarray:
     return (c[1:] - c[lo]) / (np.arange(1, len(v) + 1) - lo)
 
 
-def plot_training_curves(rows: list[dict], sft_rows: list[dict], path: Path) -> None:
+def aha_curve(rows: list[dict], correct: str, wrong: str, window: int) -> dict:
+    """Mean SPRM score of correct vs wrong samples per logged step, and the step from which
+    they stay separated (`msjax.evaluation.separation_step`, trailing mean over `window`)."""
+    rows = [r for r in rows if correct in r]
+    steps = [r["step"] for r in rows]
+    c = [r.get(correct, math.nan) for r in rows]
+    w = [r.get(wrong, math.nan) for r in rows]
+    sep = separation_step(steps, c, w, window=window) if steps else None
+    return {"steps": steps, "correct": c, "wrong": w, "separation_step": sep, "window": window}
+
+
+def plot_training_curves(aha: dict, rows: list[dict], path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    sft_rows = [r for r in sft_rows if "score_correct" in r]  # not the "features" phase
-    if sft_rows:
-        x = [r["step"] for r in sft_rows]
-        for key, label in (("score_correct", "correct (gold)"), ("score_wrong", "wrong (flawed)")):
-            axes[0].plot(x, _smooth([r[key] for r in sft_rows]), label=label)
-    axes[0].set_title("SFT: mean SPRM score of the SFT data (20-step mean)")
+    for ax, part, title, labels in (
+        (axes[0], "sft", "SFT: mean SPRM score of the SFT data", ("gold", "flawed")),
+        (axes[1], "rl", "RL: mean SPRM score of rollouts", ("correct", "wrong")),
+    ):
+        a = aha[part]
+        if not a["steps"]:
+            continue
+        w = a["window"]
+        ax.plot(a["steps"], _smooth(a["correct"], w), label=f"{labels[0]} ({w}-step mean)")
+        ax.plot(a["steps"], _smooth(a["wrong"], w), label=f"{labels[1]} ({w}-step mean)")
+        if a["separation_step"] is not None:
+            ax.axvline(a["separation_step"], color="k", ls=":", lw=1,
+                       label=f"separated from step {a['separation_step']}")  # fmt: skip
+        ax.set_title(title)
     axes[0].set_xlabel("SFT step")
     if rows:
         x = [r["step"] for r in rows]
         get = lambda k: [r.get(k, math.nan) for r in rows]
-        axes[1].plot(x, get("rollout_score_correct"), label="correct responses")
-        axes[1].plot(x, get("rollout_score_wrong"), label="wrong responses")
         axes[2].plot(x, get("reward"), label="reward (accuracy)")
         if "spr_kept_frac" in rows[0]:
             axes[2].plot(x, get("spr_kept_frac"), label="SPR kept-step fraction")
-    axes[1].set_title("RL: mean SPRM score of rollouts")
     axes[2].set_title("RL: reward")
     for ax in axes:
         ax.legend(fontsize=8)
@@ -132,8 +186,11 @@ def _num(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
+def _ci(v: list[float]) -> str:
+    return f"{100 * v[0]:.1f} [{100 * v[1]:.1f}, {100 * v[2]:.1f}]"
+
+
 def markdown(report: dict, config) -> str:
-    ks = sorted(int(k) for k in report["bon"])
     features = ""
     if config.sft.get("feature_steps"):
         features = (
@@ -167,18 +224,50 @@ def markdown(report: dict, config) -> str:
         f"{100 * report['prune_maj_accuracy_change']:+.1f} points |",
         f"| HF greedy parity | {report['hf_greedy_parity']} |",
         "",
-        "| k (mode) | BoN by SPRM | majority | SPRM-weighted vote | random |",
-        "|---|---|---|---|---|",
+        "Accuracy at k, % with the 95% bootstrap interval over problems:",
+        "",
+        "| k (mode) | BoN by SPRM | majority | SPRM-weighted vote | random | BoN - majority |",
+        "|---|---|---|---|---|---|",
     ]
-    for k, mode in zip(ks, ("low", "medium", "high"), strict=False):
-        row = [_pct(report[n][str(k)]) for n in ("bon", "maj", "weighted", "random")]
-        lines.append(f"| {k} ({mode}) | " + " | ".join(row) + " |")
+    curve = report["k_curve"]
+    for k in sorted(int(k) for k in curve["bon"]):
+        row = [_ci(curve[n][str(k)]) for n in ("bon", "maj", "weighted", "random")]
+        diff = report["bon_vs_maj"][str(k)]
+        row.append(f"{100 * diff[0]:+.1f} [{100 * diff[1]:+.1f}, {100 * diff[2]:+.1f}]")
+        mode = f" ({MODES[k]})" if k in MODES else ""
+        lines.append(f"| {k}{mode} | " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Accuracy against generated tokens per problem (without / with SPRM pruning):",
+        "",
+        "| k | tokens | BoN | majority | tokens, pruned | BoN, pruned | majority, pruned |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    full, pruned = report["tokens_curve"]["full"], report["tokens_curve"]["pruned"]
+    for k in sorted(full, key=int):
+        cells = [f"{full[k]['tokens_per_problem']:.0f}", _ci(full[k]["bon"]), _ci(full[k]["maj"])]
+        if k in pruned:
+            p = pruned[k]
+            cells += [f"{p['tokens_per_problem']:.0f}", _ci(p["bon"]), _ci(p["maj"])]
+        else:
+            cells += ["", "", ""]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for part, what in (("sft", "SFT data (gold vs flawed)"), ("rl", "RL rollouts")):
+        a = report["aha"][part]
+        sep = a["separation_step"]
+        stays = f"from step {sep} on" if sep is not None else "not by the end of the run"
+        lines.append(
+            f"- Mean SPRM score, {what}: correct and wrong separated by >= 0.1 for good "
+            f"({a['window']}-step mean): {stays}."
+        )
     lines += ["", "## Goals", ""]
     for name, ok in report["goals"].items():
         lines.append(f"- [{'x' if ok else ' '}] {name}")
     lines += [
         "",
-        "Plots: `accuracy_vs_k.png`, `score_histograms.png`, `training_curves.png`.",
+        "Plots: `accuracy_vs_k.png`, `accuracy_vs_tokens.png`, `score_histograms.png`, "
+        "`training_curves.png`.",
         "",
     ]
     return "\n".join(lines)
@@ -187,6 +276,7 @@ def markdown(report: dict, config) -> str:
 def write_report(out: Path, config, stages: dict) -> dict:
     """Assembles report.json / report.md / plots under `out` from the stage results."""
     before, after, prune = stages["eval_before"], stages["eval_after"], stages["prune"]
+    rows = read_metrics(out / "rl")
     report = {
         "pass1_before_rl": before["pass1"],
         "pass1_after_rl": after["pass1"],
@@ -210,14 +300,30 @@ def write_report(out: Path, config, stages: dict) -> dict:
         },
         "eval_problems": after["problems"],
         "eval_k_max": after["k"],
+        "k_curve": after["k_curve"],
+        "k_curve_before_rl": before["k_curve"],
+        "bon_vs_maj": after["bon_vs_maj"],
+        "tokens_curve": {
+            "full": {
+                k: {
+                    "tokens_per_problem": t,
+                    **{m: after["k_curve"][m][k] for m in ("bon", "maj", "weighted")},
+                }
+                for k, t in after["tokens_per_problem"].items()
+            },
+            "pruned": prune["curve"],
+        },
+        "aha": {
+            "sft": aha_curve(read_metrics(out / "sft"), "score_correct", "score_wrong", 20),
+            "rl": aha_curve(rows, "rollout_score_correct", "rollout_score_wrong", 5),
+        },
     }
     report["goals"] = {name: bool(check(report)) for name, check in GOALS.items()}
     report = json.loads(json.dumps(report).replace("NaN", "null"))
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out / "report.md", markdown(report, config))
     plot_accuracy_vs_k(report, out / "accuracy_vs_k.png")
+    plot_accuracy_vs_tokens(report, out / "accuracy_vs_tokens.png")
     plot_score_histograms(out / "after.npz", out / "score_histograms.png")
-    plot_training_curves(
-        read_metrics(out / "rl"), read_metrics(out / "sft"), out / "training_curves.png"
-    )
+    plot_training_curves(report["aha"], rows, out / "training_curves.png")
     return report

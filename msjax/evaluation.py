@@ -2,12 +2,15 @@
 
     cands = sample_candidates(sampler, params, tokenizer, prompts, golds, k=32, key=key)
     curves = scaling_metrics(cands.correct, cands.scores, cands.answers, ks=(2, 8, 32))
+    per = per_problem_accuracy(cands.correct, cands.scores, cands.answers, ks=(1, 2, 4, 8))
+    k_curve(per)                                  # {method: {k: [accuracy, low, high]}}, 95% CI
     roc_auc(cands.scores.ravel(), cands.correct.ravel())        # trajectory-level AUROC
 
 `scaling_metrics` estimates accuracy at k from k_max candidates per problem by cutting them into
 k_max // k disjoint groups of k and averaging over groups (lower variance than one group; the
 candidates are i.i.d. samples, so each group is an honest draw of k). The selection rules are
-those of `msjax.generate.tts`.
+those of `msjax.generate.tts`. Confidence intervals are percentile bootstraps over problems (and
+over runs, e.g. seeds of the whole pipeline, when several are stacked).
 """
 
 from __future__ import annotations
@@ -159,6 +162,11 @@ class Candidates:
         return sum(len(c.tokens) for ch in self.choices for c in ch.candidates)
 
     @property
+    def lengths(self) -> np.ndarray:
+        """int[P, k]: generated tokens of each candidate (up to its pruning, if pruned)."""
+        return np.asarray([[len(c.tokens) for c in ch.candidates] for ch in self.choices], int)
+
+    @property
     def eligible(self) -> np.ndarray:
         """bool[P, k]: candidates that were not pruned."""
         return np.asarray([[not c.pruned for c in ch.candidates] for ch in self.choices], bool)
@@ -232,6 +240,56 @@ def sample_candidates(
     )
 
 
+METHODS = ("bon", "maj", "weighted", "random")
+
+
+def default_ks(k_max: int) -> list[int]:
+    """The powers of two that divide k_max (1, 2, 4, ..., k_max for a power of two)."""
+    return [k for k in (2**i for i in range(k_max.bit_length())) if k_max % k == 0]
+
+
+def per_problem_accuracy(
+    correct,
+    scores,
+    answers: Sequence[Sequence[str | None]],
+    ks: Sequence[int],
+    eligible=None,
+) -> dict[str, dict[int, np.ndarray]]:
+    """Each problem's accuracy at each k of Best-of-N by SPRM ("bon"), majority vote ("maj"),
+    SPRM-weighted vote ("weighted") and a uniformly random pick ("random").
+
+    correct, scores: [P, k_max]; answers: [P][k_max]; eligible: optional bool[P, k_max] (pruned
+    candidates are never selected; a group with none left counts as wrong). Each k must divide
+    k_max; a problem's accuracy at k is the mean over its k_max // k disjoint groups of k.
+    Returns {method: {k: f64[P]}}.
+    """
+    correct = np.asarray(correct, bool)
+    scores = np.asarray(scores, np.float64)
+    p, k_max = correct.shape
+    ok = np.ones_like(correct) if eligible is None else np.asarray(eligible, bool)
+    out: dict[str, dict[int, np.ndarray]] = {name: {} for name in METHODS}
+    for k in ks:
+        if k < 1 or k_max % k:
+            raise ValueError(f"k={k} must divide the {k_max} candidates per problem.")
+        acc = np.zeros((len(METHODS), p, k_max // k))
+        for g in range(k_max // k):
+            cols = slice(g * k, (g + 1) * k)
+            for i in range(p):
+                c, s, e = correct[i, cols], scores[i, cols], ok[i, cols]
+                if not e.any():
+                    continue
+                a = list(answers[i][cols])
+                acc[:, i, g] = (
+                    c[tts.best_of_n(s, e)],
+                    c[tts.vote(a, None, e)],
+                    c[tts.vote(a, s, e)],
+                    np.mean(c),
+                )
+        for name, values in zip(METHODS, acc.mean(axis=2), strict=True):
+            out[name][k] = values
+    return out
+
+
 def scaling_metrics(
     correct,
     scores,
@@ -239,40 +297,72 @@ def scaling_metrics(
     ks: Sequence[int],
     eligible=None,
 ) -> dict[str, dict[str, float]]:
-    """Accuracy at each k of Best-of-N by SPRM ("bon"), majority vote ("maj"), SPRM-weighted
-    vote ("weighted") and a uniformly random pick ("random"), plus "pass1" (one sample).
-
-    correct, scores: [P, k_max]; answers: [P][k_max]; eligible: optional bool[P, k_max]
-    (pruned candidates are never selected). Each k must divide k_max. Returns
-    {"pass1": float, "bon": {str(k): acc}, "maj": ..., "weighted": ..., "random": ...}.
-    """
-    correct = np.asarray(correct, bool)
-    scores = np.asarray(scores, np.float64)
-    p, k_max = correct.shape
-    ok = np.ones_like(correct) if eligible is None else np.asarray(eligible, bool)
-    out: dict = {"pass1": tts.pass_at_1(correct)}
-    for name in ("bon", "maj", "weighted", "random"):
-        out[name] = {}
-    for k in ks:
-        if k < 1 or k_max % k:
-            raise ValueError(f"k={k} must divide the {k_max} candidates per problem.")
-        acc = {name: [] for name in ("bon", "maj", "weighted", "random")}
-        for g in range(k_max // k):
-            cols = slice(g * k, (g + 1) * k)
-            for i in range(p):
-                c, s, e = correct[i, cols], scores[i, cols], ok[i, cols]
-                a = list(answers[i][cols])
-                if not e.any():
-                    for name in acc:
-                        acc[name].append(0.0)
-                    continue
-                acc["bon"].append(float(c[tts.best_of_n(s, e)]))
-                acc["maj"].append(float(c[tts.vote(a, None, e)]))
-                acc["weighted"].append(float(c[tts.vote(a, s, e)]))
-                acc["random"].append(float(np.mean(c)))
-        for name, values in acc.items():
-            out[name][str(k)] = float(np.mean(values))
+    """Accuracy at each k of the `per_problem_accuracy` methods (mean over problems), plus
+    "pass1" (one sample). Returns {"pass1": float, "bon": {str(k): acc}, "maj": ..., ...}."""
+    per = per_problem_accuracy(correct, scores, answers, ks, eligible)
+    out: dict = {"pass1": tts.pass_at_1(np.asarray(correct, bool))}
+    for name, by_k in per.items():
+        out[name] = {str(k): float(np.mean(v)) for k, v in by_k.items()}
     return out
+
+
+def bootstrap_ci(
+    values, *, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> list[float]:
+    """[mean, low, high]: the mean of `values` with a percentile-bootstrap confidence interval.
+
+    values: f[P] (one run over P problems) or f[S, P] (S runs, e.g. seeds, over the SAME P
+    problems). Each resample draws P problems with replacement (the same draw for every run)
+    and, for S > 1, S runs with replacement, so the interval covers both sources of variation.
+    """
+    v = np.asarray(values, np.float64)
+    v = v[None] if v.ndim == 1 else v
+    if v.ndim != 2 or v.size == 0:
+        raise ValueError(f"bootstrap_ci: values must be f[P] or f[S, P], got shape {v.shape}.")
+    if not 0 < level < 1:
+        raise ValueError(f"bootstrap_ci: level={level} must be in (0, 1).")
+    s, p = v.shape
+    rng = np.random.default_rng(seed)
+    problems = rng.integers(0, p, (resamples, p))
+    runs = rng.integers(0, s, (resamples, s)) if s > 1 else np.zeros((resamples, 1), int)
+    means = v[runs[:, :, None], problems[:, None, :]].mean(axis=(1, 2))
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return [float(v.mean()), float(low), float(high)]
+
+
+def k_curve(per_problem: dict[str, dict[int, np.ndarray]], **ci) -> dict[str, dict[str, list]]:
+    """{method: {str(k): [accuracy, low, high]}} from `per_problem_accuracy` values (f[P] or,
+    stacked over runs, f[S, P]); `ci` goes to `bootstrap_ci` (level, resamples, seed)."""
+    return {
+        name: {str(k): bootstrap_ci(v, **ci) for k, v in sorted(by_k.items())}
+        for name, by_k in per_problem.items()
+    }
+
+
+def separation_step(
+    steps: Sequence[int], correct, wrong, *, margin: float = 0.1, window: int = 5
+) -> int | None:
+    """The first step from which the trailing mean (over the last `window` logged steps) of
+    correct - wrong stays >= `margin` to the end of the run; None when it never does. NaN
+    entries (a step without wrong or correct samples) are left out of the means, and a step
+    whose whole window is NaN is not judged.
+
+    steps: the logged steps (ascending); correct, wrong: f[len(steps)] mean scores.
+    """
+    gap = np.asarray(correct, np.float64) - np.asarray(wrong, np.float64)
+    if gap.shape != (len(steps),):
+        raise ValueError(f"separation_step: {len(steps)} steps but gap of shape {gap.shape}.")
+    smooth = np.full(len(gap), np.nan)
+    for i in range(len(gap)):
+        recent = gap[max(0, i - window + 1) : i + 1]
+        if np.isfinite(recent).any():
+            smooth[i] = np.nanmean(recent)
+    logged = np.flatnonzero(np.isfinite(smooth))  # steps with a mean to judge
+    above = smooth[logged] >= margin
+    if not above.size or not above[-1]:
+        return None
+    below = np.flatnonzero(~above)
+    return int(steps[logged[below[-1] + 1 if below.size else 0]])
 
 
 def step_scores_and_labels(

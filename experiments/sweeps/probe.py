@@ -25,7 +25,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
-from experiments.demo import CONFIG, Demo, write_json
+from experiments.demo import Demo, config_flag, write_json
 from msjax import checkpoint as ckpt
 from msjax.data import token_step_labels
 from msjax.data.pipeline import as_text
@@ -33,6 +33,7 @@ from msjax.evaluation import roc_auc, sample_candidates
 from msjax.models import SPRMHead
 from msjax.tokenizer import render_prompt
 
+CONFIG = config_flag()
 _MODEL = flags.DEFINE_string("model", "sft", "'sft', 'rl' (the demo's) or a checkpoint dir.")
 _TRAIN = flags.DEFINE_integer("train_problems", 512, "Training problems for the probes.")
 _K = flags.DEFINE_integer("k", 8, "Samples per training problem.")

@@ -26,11 +26,12 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.demo import CONFIG, Demo, write_json
+from experiments.demo import Demo, config_flag, parse_variant, write_json
 from msjax import checkpoint as ckpt
 from msjax.metrics import read_metrics
 
 log = logging.getLogger("sweep")
+CONFIG = config_flag()
 _OUT = flags.DEFINE_string("out", "demo_out/sweep", "Output folder.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["bce", "spr:0.3", "spr:0.4", "spr:0.5", "spr:0.6", "spr:0.7"], "Loss variants."
@@ -38,20 +39,6 @@ _VARIANTS = flags.DEFINE_list(
 _HEAD = flags.DEFINE_enum("head", "warm", ["warm", "cold"], "SPRM head of the common start.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "RL steps between evaluated checkpoints.")
 _EVAL_K = flags.DEFINE_integer("eval_k", 8, "Samples per held-out problem.")
-
-
-def parse_variant(text: str) -> tuple[str, float]:
-    """'bce' -> ("bce", 0.5); 'spr:0.3' -> ("spr", 0.3); 'soft:0.5' likewise."""
-    name, _, thr = text.partition(":")
-    if name not in ("bce", "spr", "soft"):
-        raise ValueError(f"variant {text!r}: use bce, spr:<threshold> or soft:<threshold>")
-    try:
-        threshold = float(thr) if thr else 0.5
-    except ValueError as e:
-        raise ValueError(f"variant {text!r}: threshold {thr!r} is not a number") from e
-    if not 0 < threshold < 1:
-        raise ValueError(f"variant {text!r}: the threshold must be in (0, 1)")
-    return name, threshold
 
 
 def cold_start(sft_dir: Path, out: Path, seed: int) -> Path:
