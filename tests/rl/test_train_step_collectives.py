@@ -3,7 +3,10 @@
 (0 = once per update, 1 = per micro-batch, 2 = per log-prob chunk inside the chunk scan).
 
 Issue 14 item 7: the LM-head gradient is reduced once per micro-batch (not per chunk), and the
-embedding gradient is reduce-scattered to its sharding (no full f32 [vocab, embed] all-reduce)."""
+embedding gradient is reduce-scattered to its sharding (no full f32 [vocab, embed] all-reduce).
+The model is untied, as the 1.5B-32B recipes; with tied embeddings the LM head's share of the one
+gradient is still all-reduced in full, once per micro-batch (XLA does not turn that all-reduce
+into a reduce-scatter)."""
 
 import collections
 import re
