@@ -156,9 +156,11 @@ def _forward(graphdef, params, mb, cfg: LossConfig, dropout_rng, with_logp: bool
     res = {"step_logits": model.step_logits(out.penultimate, dropout_rng)}
     res["step_logits_eval"] = jax.lax.stop_gradient(model.step_logits(out.penultimate))
     if with_logp:
+        # The unembedding is gathered over fsdp once per micro-batch, outside the log-prob chunk
+        # scan: its gradient then accumulates over the chunks and is reduce-scattered once.
         logp, ent = grpo.chunked_log_probs_and_entropy(
             out.hidden[:, :-1],
-            model.backbone.unembedding(),
+            sh.constrain(model.backbone.unembedding(), (None, "act_vocab")),
             mb["tokens"][:, 1:],
             cfg.logprob_chunk,
             temperature=cfg.temperature,
