@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -12,6 +13,16 @@ def to_global(x: np.ndarray, sharding) -> jax.Array:
     device receives only its own shard (no transfer of the whole array to any device)."""
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def rows_to_global(x: np.ndarray, mesh) -> jax.Array:
+    """`x` [rows, ...] with its rows sharded over the mesh's batch axes (data x fsdp); a plain
+    device array when `mesh` is None."""
+    if mesh is None:
+        return jnp.asarray(x)
+    from msjax.sharding import batch_sharding
+
+    return to_global(x, batch_sharding(mesh, np.ndim(x)))
 
 
 def to_host(x) -> np.ndarray:

@@ -29,12 +29,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from msjax import sharding as sh
+from msjax import global_arrays
 from msjax.generate import slots as sl
 from msjax.generate.config import DEFAULT_BUCKETS, SamplerConfig
 from msjax.generate.prompts import choose_bucket, prompt_lists
@@ -243,10 +242,7 @@ class Engine:
 
     def put(self, x: np.ndarray) -> jax.Array:
         """A host array onto the device(s), rows sharded like the slots."""
-        if self.mesh is None:
-            return jnp.asarray(x)
-        sharding = sh.batch_sharding(self.mesh, x.ndim)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        return global_arrays.rows_to_global(x, self.mesh)
 
 
 class Session:

@@ -28,7 +28,6 @@ import numpy as np
 from flax import nnx
 
 from msjax import global_arrays
-from msjax import sharding as sh
 from msjax.generate.config import FINISH_REASONS, SamplerConfig
 from msjax.generate.decode import DecodeProgram, decode, prefill
 from msjax.generate.prompts import pack_prompts, prompt_lists
@@ -173,10 +172,7 @@ class Sampler:
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     def _put(self, x: np.ndarray) -> jax.Array:
-        if self.mesh is None:
-            return jnp.asarray(x)
-        sharding = sh.batch_sharding(self.mesh, x.ndim)
-        return global_arrays.to_global(x, sharding)
+        return global_arrays.rows_to_global(x, self.mesh)
 
 
 def _threefry_key(key) -> jax.Array:

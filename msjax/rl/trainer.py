@@ -465,7 +465,7 @@ class Trainer:
         on-device sums of the sampler's log-prob deviation from the recomputed ones."""
         c = self.config
         rows = c.train.ppo_mini_batch * c.rollout.group_size
-        put = lambda x: global_arrays.to_global(x, sh.batch_sharding(self.mesh, x.ndim))
+        put = lambda x: global_arrays.rows_to_global(x, self.mesh)
         minis, devs = [], []
         for i in range(0, tb["tokens"].shape[0], rows):
             mb = {k: put(v[i : i + rows]) for k, v in tb.items()}
