@@ -339,12 +339,10 @@ class Qwen2(nnx.Module):
                 key_valid = jnp.ones((b, cache.max_len), bool)
             mask = AttentionMask(key_valid.astype(bool), jnp.asarray(cache_index, jnp.int32))
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor)
-        # Every device looks up ALL rows' tokens in its own embed-columns of the table, then an
-        # all-to-all gives each its rows: the table is never all-gathered, so its gradient is
-        # scatter-added into the shard (no full f32 [vocab, embed] all-reduce per micro-batch).
-        every_token = constrain(tokens, (None, None))
-        x = jnp.take(self.embed.value, every_token, axis=0).astype(cfg.jnp_dtype)
-        x = constrain(x, (None, None, "embed"))
+        # Gather from a table all-gathered over fsdp (vocab stays split over tensor): a gather
+        # from an embed-sharded table makes GSPMD replicate its output.
+        table = constrain(self.embed.value, ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(cfg.jnp_dtype)
         x = constrain(x, ("batch", "seq", "act_embed"))
 
         if self.layers is not None:
