@@ -46,6 +46,20 @@ def define_head_flags() -> tuple[flags.FlagHolder, flags.FlagHolder]:
     return lang, allow
 
 
+def define_placement_flags() -> tuple[flags.FlagHolder, flags.FlagHolder]:
+    """--dtype and --mesh of the tools that load a model for decoding (msjax-infer, msjax-serve).
+    Returns their FlagHolders (dtype, mesh)."""
+    dtype = define_flag(
+        "enum",
+        "dtype",
+        None,
+        "Parameter dtype (default float32).",
+        enum_values=["auto", "float32", "bfloat16"],
+    )
+    mesh = define_flag("string", "mesh", None, "Mesh sizes 'data,fsdp,tensor' (default: no mesh).")
+    return dtype, mesh
+
+
 def define_decoding_flags() -> dict[str, flags.FlagHolder]:
     """The decoding, prompt and grading flags that msjax-infer and eval.py share, by the
     `msjax.generate.infer.InferOptions` field each sets, plus "preset" (--preset official)."""

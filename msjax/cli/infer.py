@@ -34,7 +34,13 @@ from pathlib import Path
 from absl import app, flags
 
 from msjax import checkpoint
-from msjax.cli import define_decoding_flags, define_flag, define_head_flags, options_over_preset
+from msjax.cli import (
+    define_decoding_flags,
+    define_flag,
+    define_head_flags,
+    define_placement_flags,
+    options_over_preset,
+)
 from msjax.generate.infer import InferOptions, infer_file, pool_files, summary_table
 from msjax.generate.pruning import PruneRule
 from msjax.generate.tts import MODES, SELECTIONS, resolve_k
@@ -58,14 +64,7 @@ POOL = define_flag(
 SELECTION = define_flag(
     "enum", "selection", "bon", "How to choose among candidates.", enum_values=list(SELECTIONS)
 )
-DTYPE = define_flag(
-    "enum",
-    "dtype",
-    None,
-    "Parameter dtype (default float32).",
-    enum_values=["auto", "float32", "bfloat16"],
-)
-MESH = define_flag("string", "mesh", None, "Mesh sizes 'data,fsdp,tensor' (default: no mesh).")
+DTYPE, MESH = define_placement_flags()
 for _alias, _name in (
     ("top-p", "top_p"),
     ("top-k", "top_k"),

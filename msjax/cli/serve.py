@@ -19,7 +19,7 @@ import time
 from absl import app
 
 from msjax import checkpoint
-from msjax.cli import define_flag
+from msjax.cli import define_flag, define_placement_flags
 from msjax.tokenizer import Tokenizer
 
 MODEL = define_flag("string", "model", None, "A Hugging Face folder or an msjax checkpoint.")
@@ -49,14 +49,7 @@ MAX_RESPONSE_NUM = define_flag(
 BATCHING = define_flag(
     "bool", "batching", True, "Batch concurrent requests (--nobatching: one request at a time)."
 )
-DTYPE = define_flag(
-    "enum",
-    "dtype",
-    None,
-    "Parameter dtype (default float32).",
-    enum_values=["auto", "float32", "bfloat16"],
-)
-MESH = define_flag("string", "mesh", None, "Mesh sizes 'data,fsdp,tensor' (default: no mesh).")
+DTYPE, MESH = define_placement_flags()
 PENALTY = define_flag(
     "float", "default_repetition_penalty", 1.05, "Default repetition penalty (the original's 1.05)."
 )
