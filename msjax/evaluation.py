@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from msjax.generate import tts
+from msjax.progress import progress as progress_bar
 from msjax.rewards.math import math_reward
 
 
@@ -196,11 +197,9 @@ def sample_candidates(
         raise ValueError(f"{len(prompts)} prompts but {len(golds)} gold answers.")
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
     choices: list[tts.Choice] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(prompts), desc=f"sample k={k}", unit="problem", leave=False)
+    bar = progress_bar(
+        total=len(prompts), desc=f"sample k={k}", unit="problem", enabled=progress, leave=False
+    )
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo : lo + batch_size]
         fill = batch_size - len(chunk) if len(prompts) > batch_size else 0
@@ -215,10 +214,8 @@ def sample_candidates(
             prompt_ids=ids,
         )
         choices.extend(out[: len(chunk)])
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+        bar.update(len(chunk))
+    bar.close()
     texts = [tokenizer.decode(p) for p in prompts]  # special tokens kept: <think> shows
     correct = np.asarray(
         [

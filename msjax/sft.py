@@ -38,6 +38,7 @@ import optax
 from flax import nnx
 
 from msjax.models.sprm import step_mask, trajectory_score
+from msjax.progress import progress as progress_bar
 from msjax.rewards.math import math_reward
 from msjax.rl import grpo, spr
 from msjax.rl.train_step import TrainState
@@ -281,11 +282,7 @@ def train_sft(
         raise ValueError("train_sft: step_label_coef > 0 needs a step_labeler.")
     step = make_sft_step(graphdef, tx, cfg, tokenizer=tokenizer)
     state = jax.jit(lambda p: init_train_state(p, tx, seed))(params)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, desc="SFT", unit="step")
+    bar = progress_bar(total=steps, desc="SFT", unit="step", enabled=progress)
     history = []
     try:
         for i in range(steps):
@@ -303,13 +300,11 @@ def train_sft(
             history.append(m)
             if on_metrics is not None:
                 on_metrics(i + 1, m)
-            if bar is not None:
-                bar.update(1)
-                post = {"ce": f"{m['ce']:.3f}"}
-                if "score_gap" in m:
-                    post["gap"] = f"{m['score_gap']:+.3f}"
-                bar.set_postfix(post)
+            bar.update(1)
+            post = {"ce": f"{m['ce']:.3f}"}
+            if "score_gap" in m:
+                post["gap"] = f"{m['score_gap']:+.3f}"
+            bar.set_postfix(post)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return state.params, history

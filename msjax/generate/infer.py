@@ -54,6 +54,7 @@ from msjax.generate.tts import (
     token_stats,
     weighted_at_k,
 )
+from msjax.progress import progress as progress_bar
 from msjax.rewards import MANAGERS, REWARDS, ceval_reward
 from msjax.rewards.outcome import OutcomeReward
 from msjax.tokenizer import MATH_SUFFIX
@@ -239,7 +240,6 @@ def infer_file(
     (over the candidates that were not pruned) and "groups" (`pooled_metrics`).
     """
     from flax import nnx
-    from tqdm import tqdm
 
     rows, options = read_prompts(input_path, tokenizer, options, cfg)
     sampler = build_sampler(model, cfg, tokenizer, options, mesh)
@@ -256,7 +256,7 @@ def infer_file(
         key = jax.random.key(options.seed)
         spare = max(r["line"] for r in rows) + 1
         decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-        with tqdm(total=len(todo), disable=not progress, unit="prompt") as bar:
+        with progress_bar(total=len(todo), desc="infer", unit="prompt", enabled=progress) as bar:
             for start in range(0, len(todo), options.batch_size):
                 chunk = todo[start : start + options.batch_size]
                 # Pad the last chunk to batch_size (one compiled shape); padding is dropped.

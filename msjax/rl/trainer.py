@@ -56,6 +56,7 @@ from msjax.generate.sampler import SampleResult
 from msjax.generate.weights import DecodeWeights
 from msjax.metrics import MetricsWriter
 from msjax.models.reflective import abstract_model, create_model
+from msjax.progress import progress as progress_bar
 from msjax.rewards.outcome import OutcomeReward
 from msjax.rl import config as rlc
 from msjax.rl import rollout, spr
@@ -539,11 +540,12 @@ class Trainer:
             tensorboard_dir=c.log.tensorboard_dir or None,
         )
         previous = signal.signal(signal.SIGTERM, self._request_stop)
-        bar = None
-        if c.log.progress and jax.process_index() == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=c.total_steps, initial=self.rl_step, desc="RL+SPR", unit="step")
+        bar = progress_bar(
+            total=c.total_steps,
+            desc="RL+SPR",
+            initial=self.rl_step,
+            enabled=c.log.progress and jax.process_index() == 0,
+        )
         last: dict = {}
         self.reward = OutcomeReward.from_config(c, self.tokenizer)
         try:
@@ -563,13 +565,12 @@ class Trainer:
                     "train_tokens_per_s": tokens / max(time.perf_counter() - t1, 1e-9),
                 }
                 writer.write(self.rl_step, last)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        reward=f"{last['reward']:.3f}",
-                        spr_kept=f"{last.get('spr_kept_frac', math.nan):.2f}",
-                        gap=f"{last['rollout_score_gap']:+.3f}",
-                    )
+                bar.update(1)
+                bar.set_postfix(
+                    reward=f"{last['reward']:.3f}",
+                    spr_kept=f"{last.get('spr_kept_frac', math.nan):.2f}",
+                    gap=f"{last['rollout_score_gap']:+.3f}",
+                )
                 if self.rl_step % c.checkpoint.every_steps == 0 or self.rl_step == c.total_steps:
                     self.save()
             if stop:
@@ -578,8 +579,7 @@ class Trainer:
             self.manager.wait_until_finished()
             signal.signal(signal.SIGTERM, previous)
             writer.close()
-            if bar is not None:
-                bar.close()
+            bar.close()
             self.reward.close()
         return last
 
