@@ -2,7 +2,8 @@
 change to the SPR training helps? (docs/experiments.md, "Evidence in the paper's regime").
 
     python -m experiments.evidence [--config=experiments/configs/demo_hard.py[:micro]]
-        [--out=evidence_out] [--seeds=0,1,2] [--variants=bce,spr:0.3,frozen] [--config.x=y]
+        [--out=evidence_out] [--seeds=0,1,2] [--variants=bce,spr:0.3,frozen] [--share_start]
+        [--config.x=y]
 
 For each seed s, the whole demo pipeline (`experiments.demo`: data, SFT, evaluation before RL,
 GRPO + SPR, evaluation after RL, pruning, export, report) runs in out/seed<s>/original with the
@@ -18,6 +19,13 @@ rollout keys. Variants:
   soft:T       the expected filter of a sampled prediction (msjax.rl.spr, "soft")
   frozen       no SPR training in RL (head learning rate 0): the SPRM stays the SFT warm-up head,
                trained on the balanced SFT data only
+  scope:S      the SPR class counts over each micro-batch ("microbatch", the default) or over the
+               whole mini-batch by a statistics pre-pass ("minibatch"); differs from the original
+               only when train.micro_batch_size splits the mini-batch
+
+With --share_start, every seed after the first reuses the first seed's data, SFT start and
+evaluation before RL (only the RL stage and the evaluation after it are seeded): a cheaper study of
+a change that only acts in RL.
 
 Every finished stage is kept, so an interrupted study resumes. Results: out/results.json (per
 seed, pooled over seeds with 95% intervals over seeds and problems, each variant against the
@@ -50,18 +58,27 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the whole pipelin
 _VARIANTS = flags.DEFINE_list(
     "variants", ["bce", "spr:0.3", "frozen"], "Changes to compare against the original SPR rule."
 )
+_SHARE_START = flags.DEFINE_bool(
+    "share_start", False, "Seeds after the first reuse its data, SFT and evaluation before RL."
+)
 ORIGINAL = "original"
 SHARED = ("tokenizer", "data", "sft")  # what a variant reuses from its seed's original run
 SHARED_STAGES = ("data", "sft", "eval_before")
+SCOPES = ("scope:minibatch", "scope:microbatch")
 
 
 def check_variant(text: str) -> str:
     """The variant's name, or ValueError naming the accepted forms."""
-    if text != "frozen":
-        try:
-            parse_variant(text)
-        except ValueError as e:
-            raise ValueError(f"{e}, or frozen") from e
+    if text == "frozen":
+        return text
+    if text.startswith("scope:"):
+        if text not in SCOPES:
+            raise ValueError(f"variant {text!r}: use {' or '.join(SCOPES)}")
+        return text
+    try:
+        parse_variant(text)
+    except ValueError as e:
+        raise ValueError(f"{e}, frozen, or scope:minibatch|microbatch") from e
     return text
 
 
@@ -84,6 +101,8 @@ def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collec
     c.stop_after = "eval_after"
     if variant == "frozen":
         c.optim.head_lr = 0.0
+    elif variant.startswith("scope:"):
+        c.loss.spr_stats_scope = variant.partition(":")[2]
     else:
         c.loss.spr_variant, c.loss.spr_threshold = parse_variant(variant)
     return c
@@ -102,9 +121,19 @@ def share_start(original: Path, out: Path) -> None:
             write_json(marker, json.loads((original / "stages" / f"{stage}.json").read_text()))
 
 
-def run_seed(config: ml_collections.ConfigDict, seed: int, variants: list[str], out: Path) -> bool:
-    """The original pipeline and every variant of one seed; False when a run stopped early."""
+def run_seed(
+    config: ml_collections.ConfigDict,
+    seed: int,
+    variants: list[str],
+    out: Path,
+    start: Path | None = None,
+) -> bool:
+    """The original pipeline and every variant of one seed; False when a run stopped early.
+    `start`: another seed's original run whose data, SFT start and evaluation before RL this
+    seed reuses (--share_start)."""
     base = seed_config(config, seed, out / f"seed{seed}" / ORIGINAL)
+    if start is not None:
+        share_start(start, Path(base.out_dir))
     log.info("seed %d: %s", seed, ORIGINAL)
     if not Demo(base).run():
         return False
@@ -294,7 +323,10 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     try:
         for seed in seeds:
-            if not run_seed(config, seed, variants, out):
+            start = None
+            if _SHARE_START.value and seed != seeds[0]:
+                start = out / f"seed{seeds[0]}" / ORIGINAL
+            if not run_seed(config, seed, variants, out, start):
                 log.warning("seed %d stopped before finishing; run again to resume", seed)
                 return
     except ValueError as e:  # e.g. a resumed run with another recipe
