@@ -7,9 +7,10 @@ A random Hugging Face Qwen2 (hidden 256, 4 layers, 8 heads, 4 kv heads, intermed
 2048, fp32) is saved with save_pretrained and loaded into msjax with `msjax.checkpoint.load_any`,
 so both sides run the same weights. Every side decodes greedily with the KV cache. After one
 warm-up call of each (compile time excluded), each round calls every side once, in turn, so a
-slow phase of the shared machine hits them alike; each figure is given as min and median over
-the rounds, and the ratios use the medians. tokens/s counts generated tokens per second of the
-whole call (prefill included, as in transformers); the tokens are checked to be identical.
+slow phase of the shared machine hits them alike (the order rotates by one side per round); each
+figure is given as min and median over the rounds, and the ratios use the medians. tokens/s
+counts generated tokens per second of the whole call (prefill included, as in transformers); the
+tokens are checked to be identical.
 
 Default case: a batch of left-padded random prompts, `new_tokens` each (no early stop): the
 Sampler (scores off, and scores streamed for two delimiter sets: "typical" = ids covering ~1/32
@@ -34,7 +35,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from experiments.bench_model import MODEL, random_hf_qwen2  # noqa: E402
+from experiments.bench_model import MODEL, interleaved_rounds, random_hf_qwen2  # noqa: E402
 from msjax.generate import Sampler, SamplerConfig  # noqa: E402
 from msjax.generate.engine import Engine, Request  # noqa: E402
 from msjax.models import step_mask, trajectory_score  # noqa: E402
@@ -64,18 +64,10 @@ flags.DEFINE_integer("seed", 0, "Seed for the weights, prompts and lengths.")
 
 
 def _rounds(fns: dict, runs: int) -> dict[str, dict[str, list[float]]]:
-    """Wall and process-CPU seconds of each fn per round, after one warm-up call each; every
-    round calls every fn once, in turn, so a slow phase of a shared machine hits all alike."""
+    """One warm-up call of each fn, then `interleaved_rounds`."""
     for fn in fns.values():
         fn()
-    out = {name: {"wall": [], "cpu": []} for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            fn()
-            out[name]["cpu"].append(time.process_time() - cpu)
-            out[name]["wall"].append(time.perf_counter() - wall)
-    return out
+    return interleaved_rounds(fns, runs)
 
 
 def _paired_overhead(num: list[float], den: list[float], seed: int) -> dict[str, float]:

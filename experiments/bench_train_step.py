@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from experiments.bench_model import MODEL, random_hf_qwen2  # noqa: E402
+from experiments.bench_model import MODEL, interleaved_rounds, random_hf_qwen2  # noqa: E402
 from msjax.hf import load_hf  # noqa: E402
 from msjax.models import step_mask  # noqa: E402
 from msjax.rl.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
@@ -75,19 +75,6 @@ def _use_threads(n: int) -> int:
     if n:
         os.sched_setaffinity(0, allowed[:n])
     return len(os.sched_getaffinity(0))
-
-
-def _interleaved(fns: dict, runs: int) -> dict[str, tuple[list[float], list[float]]]:
-    """{name: (wall seconds, CPU seconds) of each call}: the functions run in turn, one call
-    each per round, `runs` rounds, so a slow phase of a shared host hits both sides alike."""
-    out = {name: ([], []) for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start, cpu = time.perf_counter(), time.process_time()
-            fn()
-            out[name][0].append(time.perf_counter() - start)
-            out[name][1].append(time.process_time() - cpu)
-    return out
 
 
 def _hf_model(seed: int, path: str):
@@ -171,9 +158,10 @@ def main(argv):
     msjax_step()  # warm-up
     hf_step()
     loads = [os.getloadavg()[0]]
-    times = _interleaved({"msjax": msjax_step, "hf": hf_step}, FLAGS.runs)
+    times = interleaved_rounds({"msjax": msjax_step, "hf": hf_step}, FLAGS.runs)
     loads.append(os.getloadavg()[0])
-    (msjax_times, msjax_cpu), (hf_times, hf_cpu) = times["msjax"], times["hf"]
+    msjax_times, msjax_cpu = times["msjax"]["wall"], times["msjax"]["cpu"]
+    hf_times, hf_cpu = times["hf"]["wall"], times["hf"]["cpu"]
     t_msjax, t_hf = statistics.median(msjax_times), statistics.median(hf_times)
 
     tokens = b * t

@@ -148,6 +148,8 @@ class Demo:
         for stage in STAGES:
             if self.done(stage) is not None:
                 log.info("stage %-11s done, skipped", stage)
+                if stage == self.c.stop_after:  # a resumed run stops there too
+                    return {}
                 continue
             log.info("stage %-11s ...", stage)
             t0 = time.perf_counter()
