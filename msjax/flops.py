@@ -11,6 +11,7 @@ chunked log-probs, the decode loop. For msjax programs its figure is a small fra
 - `while`: its body (and condition) times `while_trips`, which the caller states: the decode
   loop runs at most max_new_tokens - 1 times (every row running to the length limit);
 - `cond`: the costliest branch;
+- `shard_map`: its body, which sees one device's block, times the devices of its manual axes;
 - any other primitive holding sub-jaxprs (pjit, remat, custom_jvp/vjp calls): walked once, so
   the recomputation that remat adds to a backward pass is counted: these are EXECUTED FLOPs.
 
@@ -58,6 +59,11 @@ def _count(jaxpr, while_trips: int | None, in_while: bool) -> float:
             body = _count(_open(eqn.params["body_jaxpr"]), while_trips, True)
             cond = _count(_open(eqn.params["cond_jaxpr"]), while_trips, True)
             total += while_trips * (body + cond)
+        elif name == "shard_map":
+            mesh, manual = eqn.params["mesh"], eqn.params["newly_manual_axes"]
+            total += math.prod(mesh.shape[a] for a in manual) * _count(
+                _open(eqn.params["jaxpr"]), while_trips, in_while
+            )
         elif name == "cond":
             total += max(_count(_open(b), while_trips, in_while) for b in eqn.params["branches"])
         else:

@@ -248,13 +248,16 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules=RULES) -> jax.Arra
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = logical_to_spec(axes, rules)
-    spec = PartitionSpec(
+    return jax.lax.with_sharding_constraint(x, spec_on_mesh(axes, mesh, rules))
+
+
+def spec_on_mesh(axes: Sequence[str | None], mesh, rules=RULES) -> PartitionSpec:
+    """`logical_to_spec`, with None for each entry that names an axis `mesh` does not have."""
+    return PartitionSpec(
         *[
             e
             if e is None or all(a in mesh.axis_names for a in ((e,) if isinstance(e, str) else e))
             else None
-            for e in spec
+            for e in logical_to_spec(axes, rules)
         ]
     )
-    return jax.lax.with_sharding_constraint(x, spec)

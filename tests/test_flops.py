@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from msjax import sharding as sh
 from msjax.flops import traced_flops
 from msjax.models import ModelConfig, abstract_model
 
@@ -74,6 +75,22 @@ def test_cond_counts_the_costliest_branch():
 
     args = (S((), bool), S((M, K), jnp.float32), S((K, K), jnp.float32))
     assert traced_flops(f, *args) == 3 * 2 * M * K * K
+
+
+def test_shard_map_counts_its_block_on_every_device_of_its_manual_axes():
+    """Rows of x split over data x fsdp (4 devices) inside a shard_map manual over both (tensor
+    left automatic): each device multiplies its [M / 4, K] block, 4 x those FLOPs in all."""
+    mesh = sh.make_mesh((2, 2, 2))
+    rows = jax.P(("data", "fsdp"))
+    f = jax.shard_map(
+        lambda x, w: x @ w,
+        mesh=mesh,
+        in_specs=(rows, jax.P()),
+        out_specs=rows,
+        axis_names={"data", "fsdp"},
+    )
+    with jax.set_mesh(mesh):
+        assert traced_flops(f, S((M, K), jnp.float32), S((K, N), jnp.float32)) == MATMUL
 
 
 def test_remat_backward_counts_the_recomputation():

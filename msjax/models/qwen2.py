@@ -17,7 +17,7 @@ from flax import nnx
 
 from msjax.models.config import ModelConfig
 from msjax.models.kv_cache import KVCache
-from msjax.sharding import constrain
+from msjax.sharding import constrain, spec_on_mesh
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 # Causal query blocks of dense attention are unrolled: this bounds the program size.
@@ -310,7 +310,14 @@ class Qwen2(nnx.Module):
         return constrain(out, ("batch", "seq", "act_vocab"))
 
     def __call__(
-        self, tokens, positions, key_valid=None, cache: KVCache | None = None, cache_index=None
+        self,
+        tokens,
+        positions,
+        key_valid=None,
+        cache: KVCache | None = None,
+        cache_index=None,
+        *,
+        sharded_lookup: bool = False,
     ):
         """Runs the decoder.
 
@@ -323,6 +330,9 @@ class Qwen2(nnx.Module):
           cache_index: int32[] write index into the cache (required with a cache), or int32[batch]
             one per row (the continuous engine's slots; writes past the cache's end are
             dropped).
+          sharded_lookup: look tokens up in the table's own fsdp shards (`embed_lookup`), for
+            parameters in the training layout: the table's gradient then stays in its shards.
+            False (the decode layout, whose table is not split over fsdp): gather the table.
         Returns:
           (hidden [batch, seq, embed] after the final norm, penultimate [batch, seq, embed]
           = input of the last layer, updated KVCache or None).
@@ -339,10 +349,13 @@ class Qwen2(nnx.Module):
                 key_valid = jnp.ones((b, cache.max_len), bool)
             mask = AttentionMask(key_valid.astype(bool), jnp.asarray(cache_index, jnp.int32))
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor)
-        # Gather from a table all-gathered over fsdp (vocab stays split over tensor): a gather
-        # from an embed-sharded table makes GSPMD replicate its output.
-        table = constrain(self.embed.value, ("vocab", None))
-        x = jnp.take(table, tokens, axis=0).astype(cfg.jnp_dtype)
+        if sharded_lookup:
+            x = embed_lookup(self.embed.value, tokens, cfg.jnp_dtype)
+        else:
+            # Gather from a table all-gathered over fsdp (vocab stays split over tensor): a
+            # gather from an embed-sharded table makes GSPMD replicate its output.
+            table = constrain(self.embed.value, ("vocab", None))
+            x = jnp.take(table, tokens, axis=0).astype(cfg.jnp_dtype)
         x = constrain(x, ("batch", "seq", "act_embed"))
 
         if self.layers is not None:
@@ -366,6 +379,42 @@ class Qwen2(nnx.Module):
             body = jax.checkpoint(body, policy=_REMAT[self.cfg.remat], prevent_cse=False)
         (x, cache, _), _ = jax.lax.scan(body, (x, cache, jnp.asarray(0, jnp.int32)), state)
         return x, cache
+
+
+def embed_lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+    """Embedding rows of `tokens` from a table in the training layout, never gathering the table.
+
+    table: [vocab, embed] with vocab split over tensor and embed over fsdp; tokens: int32[batch,
+    seq] split over (data, fsdp) -> [batch, seq, embed] in `dtype`, split over (data, fsdp).
+    Each device looks up the tokens of all rows of its fsdp group in its own [vocab / tensor,
+    embed / fsdp] block (a token outside the block's vocab range gives 0, and a sum over tensor
+    adds the blocks), then an all-to-all over fsdp hands every device its own rows with all embed
+    columns. The backward pass is that all-to-all (activation-sized) and a scatter-add into the
+    device's own block: the table's gradient is formed in its shards, never at full size (only
+    summed over data, whose devices hold the same block). Without a mesh (or with fsdp = 1) it
+    is a plain `take`. Out-of-range ids give 0 here (a plain `take` gives NaN).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get("fsdp", 1) == 1:
+        return jnp.take(table, tokens, axis=0).astype(dtype)
+    table_spec = spec_on_mesh(("vocab", "embed"), mesh)
+    rows_spec = spec_on_mesh(("batch", None), mesh)
+    tensor = table_spec[0]
+
+    def local(block, ids):
+        ids = jax.lax.all_gather(ids, "fsdp", axis=0, tiled=True)  # all rows of the fsdp group
+        if tensor is not None:
+            ids = ids - jax.lax.axis_index(tensor) * block.shape[0]
+        inside = (ids >= 0) & (ids < block.shape[0])
+        x = jnp.take(block, jnp.where(inside, ids, 0), axis=0)
+        x = jnp.where(inside[..., None], x, 0).astype(dtype)  # [rows of the group, seq, embed/f]
+        if tensor is not None:
+            x = jax.lax.psum(x, tensor)  # one block holds each id: exact in any dtype
+        return jax.lax.all_to_all(x, "fsdp", 0, 2, tiled=True)  # own rows, all embed columns
+
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(table_spec, rows_spec), out_specs=jax.P(*rows_spec, None)
+    )(table, tokens)
 
 
 def _cache_writer(cache: KVCache, layer, index):

@@ -35,6 +35,7 @@ SPR class counts (`LossConfig.spr_stats_scope`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -152,22 +153,64 @@ def batch_shardings(mesh, batch: dict) -> dict:
 def _forward(graphdef, params, mb, cfg: LossConfig, dropout_rng, with_logp: bool):
     """Model forward on one micro-batch -> dict of per-token log-probs/entropy and step logits."""
     model = nnx.merge(graphdef, params)
-    out = model(mb["tokens"], mb["positions"], mb["valid"], compute_logits=False)
-    res = {"step_logits": model.step_logits(out.penultimate, dropout_rng)}
-    res["step_logits_eval"] = jax.lax.stop_gradient(model.step_logits(out.penultimate))
+    # The parameters are in the training layout: the embedding lookup stays in the table's
+    # shards, so its gradient is never a full [vocab, embed] array (Qwen2.__call__).
+    hidden, penultimate, _ = model.backbone(
+        mb["tokens"], mb["positions"], mb["valid"], sharded_lookup=True
+    )
+    res = {"step_logits": model.step_logits(penultimate, dropout_rng)}
+    res["step_logits_eval"] = jax.lax.stop_gradient(model.step_logits(penultimate))
     if with_logp:
-        # The unembedding is gathered over fsdp once per micro-batch, outside the log-prob chunk
-        # scan: its gradient then accumulates over the chunks and is reduce-scattered once.
-        logp, ent = grpo.chunked_log_probs_and_entropy(
-            out.hidden[:, :-1],
-            sh.constrain(model.backbone.unembedding(), (None, "act_vocab")),
-            mb["tokens"][:, 1:],
-            cfg.logprob_chunk,
-            temperature=cfg.temperature,
-        )
+        logp, ent = _log_probs(hidden[:, :-1], model.backbone, mb["tokens"][:, 1:], cfg)
         res["logp"] = jnp.pad(logp, ((0, 0), (1, 0)))
         res["entropy"] = jnp.pad(ent, ((0, 0), (1, 0)))
     return res
+
+
+def _log_probs(hidden, backbone, targets, cfg: LossConfig):
+    """Per-token log-probs and entropies, f32[batch, seq] each, of hidden [batch, seq, embed]
+    (split over the batch axes) under the backbone's unembedding, by
+    `grpo.chunked_log_probs_and_entropy`.
+
+    The unembedding (the LM head [embed, vocab], or the tied table [vocab, embed]: embed split
+    over fsdp, vocab over tensor) is all-gathered over fsdp once per call, outside the chunk
+    scan, inside a shard_map over the batch axes (tensor stays automatic). Each device's gradient
+    of it is the sum over its own rows and chunks, and the transpose of that gather
+    reduce-scatters it onto the fsdp shards once per micro-batch (then the shard is summed over
+    data, whose devices hold the same one). libtpu may still lower that reduce-scatter as a
+    full all-reduce + slice: it does on v5p-16's 2 x 2 x 2 torus, not on v5e-4 or v5p-8.
+    """
+    tied = backbone.cfg.tie_word_embeddings
+    w = backbone.embed.value if tied else backbone.lm_head.value
+    logp_fn = functools.partial(
+        grpo.chunked_log_probs_and_entropy, chunk=cfg.logprob_chunk, temperature=cfg.temperature
+    )
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get("fsdp", 1) == 1:
+        return logp_fn(hidden, w.T if tied else w, targets)
+    batch = sh.spec_on_mesh(("batch",), mesh)[0]
+    manual = set((batch,) if isinstance(batch, str) else batch) | {"fsdp"}
+
+    def local(h, w, y):
+        if tied:
+            # Gathered along a new leading axis, so that the gradient's reduce-scatter splits
+            # the major dimension (as the untied head's): gathered along embed, the minor one,
+            # TPU (v5e-4) all-reduces the whole gradient instead.
+            w = jax.lax.all_gather(w, "fsdp", axis=0)  # [fsdp, vocab, embed / fsdp]
+            w = w.transpose(0, 2, 1).reshape(-1, w.shape[1])  # [embed, vocab]
+        else:
+            w = jax.lax.all_gather(w, "fsdp", axis=0, tiled=True)
+        return logp_fn(h, w, y)
+
+    rows = PartitionSpec(batch, None)
+    w_spec = PartitionSpec(None, "fsdp") if tied else PartitionSpec("fsdp", None)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(PartitionSpec(batch, None, None), w_spec, rows),
+        out_specs=(rows, rows),
+        axis_names=manual,
+    )(hidden, w, targets)
 
 
 def _micro_losses(graphdef, params, mb, norms, spr_stats, cfg: LossConfig, dropout_rng):
@@ -281,6 +324,11 @@ def _accumulate(grad_fn, params, micro, keys, k: int):
     def body(carry, xs):
         grads, metrics = carry
         (_, m), g = grad_fn(params, *xs)
+        # Each micro-batch's gradient is reduced onto its parameter's shards here: the barrier
+        # stops XLA from moving that reduction out of the loop, where it becomes one full-size
+        # all-reduce per update into a full-size f32 accumulator per device (the whole LM
+        # head's gradient: +1.6 GiB temporaries in the 1.5B recipe's program for v5p-16).
+        g = jax.lax.optimization_barrier(g)
         grads = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), grads, g)
         return (grads, jax.tree.map(jnp.add, metrics, m)), None
 
