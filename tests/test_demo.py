@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = ("2", "8", "32")
+pytestmark = pytest.mark.expensive(minutes=5)
 
 
 def run_demo(out_dir, *extra, expect_rc=0):

@@ -18,6 +18,7 @@ MAX_NEW = 24
 N = 2
 SLOTS = 4  # fewer than the rows of a call: slots are refilled many times
 CHUNK = 4
+pytestmark = pytest.mark.expensive(minutes=1.5)
 
 
 def config(sp, **kw):

@@ -24,6 +24,7 @@ CFG = ModelConfig(
     head_dropout=0.0,
 )
 MAX_NEW, PROMPTS, N, STEP_ID, THINK_END = 48, 2, 4, 7, 9
+pytestmark = pytest.mark.expensive(minutes=1)
 
 
 def rollout_batch(longest: int, width: int, seed: int = 0) -> dict:

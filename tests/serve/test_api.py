@@ -20,6 +20,7 @@ from msjax.scoring import score_texts
 from msjax.tokenizer import Tokenizer
 
 PROMPTS = ["<think> a b c", "d e <think> f g", "<think> h"]
+pytestmark = pytest.mark.expensive(minutes=1.5)
 
 
 @pytest.fixture(scope="module")
