@@ -24,3 +24,25 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "expensive(minutes): a module of minutes of work on the 2-core CI machine; such modules "
+        "are scheduled first, the longest first",
+    )
+
+
+def _minutes(item) -> float:
+    mark = item.get_closest_marker("expensive")
+    return mark.kwargs["minutes"] if mark else 0.0
+
+
+def pytest_collection_modifyitems(items):
+    """Modules marked `expensive` first, the longest first; each module's tests in collection
+    order. pyproject.toml runs the suite with `--dist=loadfile --no-loadscope-reorder`: each
+    module on one xdist worker (its module-scoped fixtures -- a pipeline run, a server, compiled
+    programs -- built once, not once per worker), modules handed out in this order, so that no
+    long module starts last while the other worker idles."""
+    items.sort(key=lambda item: -_minutes(item))

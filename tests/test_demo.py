@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = ("2", "8", "32")
+pytestmark = pytest.mark.expensive(minutes=5)
 
 
 def run_demo(out_dir, *extra, expect_rc=0):
@@ -182,7 +183,9 @@ def test_eval_script_on_the_demo_model(demo_runs, tmp_path, fmt):
 
 def test_evidence_study_at_micro_scale(demo_runs, tmp_path):
     """Two seeds x the original rule and two changes; seed 0's original is the demo run above
-    (same recipe and seeds), so only seed 1's pipeline and the variants run here."""
+    (same recipe and seeds), so only seed 1's and the variants' RL and evaluation after RL run
+    here: seed 1 shares seed 0's SFT start (--share_start) and the study stops each run after
+    its evaluation after RL (the demo test above covers the later stages)."""
     out = tmp_path / "study"
     shutil.copytree(demo_runs[0], out / "seed0" / "original", symlinks=True)
     # the same programs compile for seed 1 and the variants: start from the demo's cache
@@ -195,6 +198,8 @@ def test_evidence_study_at_micro_scale(demo_runs, tmp_path):
         f"--out={out}",
         "--seeds=0,1",
         "--variants=bce,frozen",
+        "--share_start",
+        "--config.stop_after=eval_after",
         "--config.log.progress=False",
     ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -204,6 +209,12 @@ def test_evidence_study_at_micro_scale(demo_runs, tmp_path):
     assert "stage rl          done, skipped" in proc.stderr  # seed 0's original was reused
     result = json.loads((out / "results.json").read_text())
     assert result["seeds"] == [0, 1] and result["variants"] == ["original", "bce", "frozen"]
+    # seed 1: seeded RL and evaluation from seed 0's SFT start, on the same problems
+    seed0, seed1 = (json.loads((out / f"seed{s}/original/config.json").read_text()) for s in (0, 1))
+    assert seed1["seed"] == seed0["seed"] + 1 and seed1["eval"]["seed"] == seed0["eval"]["seed"] + 1
+    assert seed1["task"] == seed0["task"]
+    assert (out / "seed1/original/sft").resolve() == (out / "seed0/original/sft").resolve()
+    assert not (out / "seed1/original/stages/prune.json").exists()
     # each variant trained from its seed's SFT start, stopping after the evaluation after RL
     for variant in ("bce", "frozen"):
         run = out / "seed1" / variant

@@ -18,6 +18,7 @@ MAX_NEW = 24
 N = 2
 SLOTS = 4  # fewer than the rows of a call: slots are refilled many times
 CHUNK = 4
+pytestmark = pytest.mark.expensive(minutes=1.5)
 
 
 def config(sp, **kw):
@@ -126,15 +127,18 @@ def test_session_returns_each_request_once(greedy):
     assert not session.busy and sorted(session.free_slots) == list(range(SLOTS))
 
 
-def test_sampled_tokens_independent_of_slots_and_equal_to_sampler(small_model, special):
+def test_sampled_tokens_independent_of_slots_and_equal_to_sampler(small_model, special, greedy):
     model, cfg = small_model
     c = config(special, temperature=0.8, top_k=8, top_p=0.95)
     prompts = prompts_of(special)
     ref = Sampler(model, cfg, c)(model, prompts, n=N, key=jax.random.key(3))
     outs = []
-    for slots in (2, 8):
+    for slots in (SLOTS, 8):
+        chunks = sl.run_chunk._cache_size()
         engine = Engine(model, cfg, c, slots=slots, chunk=CHUNK, max_len=64, windows=(64,))
         outs.append(concat(engine.generate(model, requests(prompts, N, jax.random.key(3)))))
+        if slots == SLOTS:  # the greedy engine's programs: the sampling defaults do not shape them
+            assert sl.run_chunk._cache_size() == chunks
     np.testing.assert_array_equal(outs[0]["tokens"], outs[1]["tokens"])
     assert_same(outs[1], ref)
     assert len({tuple(t) for t in outs[0]["tokens"]}) > len(prompts)  # samples differ

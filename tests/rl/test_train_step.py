@@ -24,6 +24,7 @@ CFG = ModelConfig(
 )
 STEP_ID = 7
 B, T = 16, 12
+pytestmark = pytest.mark.expensive(minutes=2)
 
 
 def make_batch(seed=0):

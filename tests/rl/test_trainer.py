@@ -16,6 +16,7 @@ from msjax.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 CHILD = Path(__file__).with_name("trainer_child.py")
+pytestmark = pytest.mark.expensive(minutes=4)
 
 
 def child_env(devices=1):

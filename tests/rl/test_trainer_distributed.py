@@ -5,7 +5,8 @@ sample in calls of 8 sequences (rollout.max_rows_per_call), so the multi-process
 rollouts is exercised too. In the 2-process run only process 1 gets SIGTERM, during RL step 2:
 both processes must agree to stop after that step (else process 0 would wait forever in step 3's
 collectives) with the checkpoint of step 2 written by both; started again, both restore it and
-train step 3. All children share a persistent compilation cache, so the restart compiles nothing.
+train step 3. All children share the test session's persistent compilation cache (set in
+tests/conftest.py), so the restart and the second test's run compile (almost) nothing.
 """
 
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from msjax import checkpoint as ckpt
@@ -25,6 +27,7 @@ from msjax.metrics import read_metrics
 CHILD = Path(__file__).with_name("trainer_child.py")
 PHASE_TIMEOUT_S = 600  # generous: the CI machine may be shared
 ROWS_PER_CALL = "8"  # tiny: 4 prompts x 4 samples = 16 rollouts -> 2 sampler calls
+pytestmark = pytest.mark.expensive(minutes=3.5)
 
 
 def _free_port() -> int:
@@ -33,17 +36,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(cache: Path, devices: int) -> dict:
+def _env(devices: int) -> dict:
+    """This process's environment (with its compilation cache settings) for a child."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     for key in ("MSJAX_COORDINATOR_ADDRESS", "MSJAX_NUM_PROCESSES", "MSJAX_PROCESS_ID"):
         env.pop(key, None)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return env
 
 
@@ -59,12 +57,12 @@ def _start(workdir: Path, total: int, env: dict, log: Path, *extra: str) -> subp
         )
 
 
-def _distributed(workdir: Path, total: int, cache: Path, logs: Path, tag: str, *extra) -> list:
+def _distributed(workdir: Path, total: int, logs: Path, tag: str, *extra) -> list:
     """Starts the 2 processes of one multi-process run (1 CPU device each)."""
     address = f"127.0.0.1:{_free_port()}"
     procs = []
     for pid in range(2):
-        env = _env(cache, 1)
+        env = _env(1)
         env.update(
             MSJAX_COORDINATOR_ADDRESS=address, MSJAX_NUM_PROCESSES="2", MSJAX_PROCESS_ID=str(pid)
         )
@@ -100,20 +98,20 @@ def _params(workdir: Path, step: int) -> list[np.ndarray]:
 
 
 def test_two_processes_train_and_resume_like_one(tmp_path):
-    cache, logs = tmp_path / "jax_cache", tmp_path / "logs"
+    logs = tmp_path / "logs"
     logs.mkdir()
     single, multi = tmp_path / "single", tmp_path / "multi"
     # Phase 1: the reference (3 RL steps) and, side by side, the 2-process run, stopped by a
     # SIGTERM that only process 1 receives (during step 2).
-    ref = _start(single, 3, _env(cache, 2), logs / "single.log")
+    ref = _start(single, 3, _env(2), logs / "single.log")
     term = ("--signal", "TERM", "--at", "2", "--signal_process", "1")
-    procs = _distributed(multi, 3, cache, logs, "run1", *term)
+    procs = _distributed(multi, 3, logs, "run1", *term)
     _wait([ref, *procs], [logs / "single.log", logs / "run1-p0.log", logs / "run1-p1.log"])
     assert ckpt.latest_step(multi) == 2
     for pid in range(2):
         assert "steps [2]" in (logs / f"run1-p{pid}.log").read_text()
     # Phase 2: both processes restore step 2 and train step 3.
-    procs = _distributed(multi, 3, cache, logs, "run2")
+    procs = _distributed(multi, 3, logs, "run2")
     _wait(procs, [logs / "run2-p0.log", logs / "run2-p1.log"])
 
     for step in (2, 3):
@@ -142,10 +140,10 @@ def test_a_reward_timeout_on_one_process_does_not_split_the_rewards(tmp_path):
     both processes still train on the same rewards, since each row is verified by one process
     and the verdicts are gathered. Step 2: process 1's gathered rewards differ anyway (corrupted
     here): the run stops on every process with RewardMismatchError before training on them."""
-    cache, logs = tmp_path / "jax_cache", tmp_path / "logs"
+    logs = tmp_path / "logs"
     logs.mkdir()
     flags = ("--reward_timeout_process", "1", "--corrupt_rewards_process", "1", "--at", "2")
-    procs = _distributed(tmp_path / "run", 2, cache, logs, "run", *flags)
+    procs = _distributed(tmp_path / "run", 2, logs, "run", *flags)
     deadline = time.monotonic() + 2 * PHASE_TIMEOUT_S
     while time.monotonic() < deadline and any(p.poll() is None for p in procs):
         time.sleep(0.5)

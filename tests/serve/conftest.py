@@ -1,5 +1,5 @@
-"""The tiny reflective model the serving tests start `msjax-serve` on (one server per module,
-started by `start_server`)."""
+"""The tiny reflective model the serving tests start `msjax-serve` on (one server per module:
+the `server` fixture)."""
 
 from __future__ import annotations
 
@@ -47,20 +47,20 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
+# Every server the tests start has these flags: the programs the first one compiled come from the
+# persistent compilation cache (tests/conftest.py) for the next.
+SERVER_FLAGS = ("--max_batch_rows=8", "--max_response_num=8", "--warmup_max_tokens=16")
+
+
 @pytest.fixture(scope="module")
-def start_server(tiny_model, tmp_path_factory):
-    """start(*flags) -> a warm ServerProcess on the tiny model; at the end of the module each is
-    stopped with SIGTERM and must exit by itself, cleanly (uvicorn re-raises SIGTERM once done)."""
-    started = []
-
-    def start(*flags: str) -> ServerProcess:
-        log = tmp_path_factory.mktemp("serve") / "server.log"
-        started.append(ServerProcess(tiny_model, *flags, log=log))
-        return started[-1]
-
-    yield start
-    for server in started:
-        code = server.stop()
-        log = server.log_tail(100_000)
-        assert code == -signal.SIGTERM and "Application shutdown complete" in log, log[-3000:]
-        assert "Traceback" not in log, log[-3000:]
+def server(tiny_model, tmp_path_factory):
+    """A warm ServerProcess on the tiny model with SERVER_FLAGS, one per module; at the end of the
+    module it is stopped with SIGTERM and must exit by itself, cleanly (uvicorn re-raises SIGTERM
+    once done)."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    server = ServerProcess(tiny_model, *SERVER_FLAGS, log=log)
+    yield server
+    code = server.stop()
+    log = server.log_tail(100_000)
+    assert code == -signal.SIGTERM and "Application shutdown complete" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]

@@ -19,13 +19,8 @@ from msjax.hf import load_hf
 from msjax.scoring import score_texts
 from msjax.tokenizer import Tokenizer
 
-FLAGS = ["--max_batch_rows=8", "--max_response_num=8", "--warmup_max_tokens=16"]
 PROMPTS = ["<think> a b c", "d e <think> f g", "<think> h"]
-
-
-@pytest.fixture(scope="module")
-def server(start_server):
-    return start_server(*FLAGS)
+pytestmark = pytest.mark.expensive(minutes=1.5)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import random
 import socket
 import threading
 
-import pytest
 import requests
 
 CLIENTS, REQUESTS = 16, 10
@@ -30,12 +29,6 @@ BAD = [
     b'{"prefix_prompt": "\xff\xfe"}',
     b'{"prefix_prompt": ["a"]}',
 ]
-FLAGS = ["--max_batch_rows=16", "--max_response_num=4", "--warmup_max_tokens=8"]
-
-
-@pytest.fixture(scope="module")
-def server(start_server):
-    return start_server(*FLAGS)
 
 
 def body(prompt, seed, n, settings):
