@@ -52,15 +52,7 @@ from msjax.evaluation import bootstrap_ci, k_curve
 from msjax.metrics import read_metrics
 
 log = logging.getLogger("evidence")
-CONFIG = config_flag("demo_hard.py")
-_OUT = flags.DEFINE_string("out", "evidence_out", "Output folder of the study.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the whole pipeline.")
-_VARIANTS = flags.DEFINE_list(
-    "variants", ["bce", "spr:0.3", "frozen"], "Changes to compare against the original SPR rule."
-)
-_SHARE_START = flags.DEFINE_bool(
-    "share_start", False, "Seeds after the first reuse its data, SFT and evaluation before RL."
-)
+FLAGS = flags.FLAGS
 ORIGINAL = "original"
 SHARED = ("tokenizer", "data", "sft")  # what a variant reuses from its seed's original run
 SHARED_STAGES = ("data", "sft", "eval_before")
@@ -302,23 +294,39 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def define_flags() -> None:
+    """The study's flags (defined only when run as a program, like the demo's: absl has one
+    flag registry per process, and msjax's CLIs define --out too)."""
+    config_flag("demo_hard.py")
+    flags.DEFINE_string("out", "evidence_out", "Output folder of the study.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the whole pipeline.")
+    flags.DEFINE_list(
+        "variants",
+        ["bce", "spr:0.3", "frozen"],
+        "Changes to compare against the original SPR rule.",
+    )
+    flags.DEFINE_bool(
+        "share_start", False, "Seeds after the first reuse its data, SFT and evaluation before RL."
+    )
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "msjax.data.pipeline", "math_verify"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not all(s.isdigit() for s in _SEEDS.value):
-        raise app.UsageError(f"--seeds={_SEEDS.value}: give non-negative integers, e.g. 0,1,2.")
-    seeds = [int(s) for s in _SEEDS.value]
+    if not all(s.isdigit() for s in FLAGS.seeds):
+        raise app.UsageError(f"--seeds={FLAGS.seeds}: give non-negative integers, e.g. 0,1,2.")
+    seeds = [int(s) for s in FLAGS.seeds]
     try:
-        variants = [check_variant(v) for v in _VARIANTS.value]
+        variants = [check_variant(v) for v in FLAGS.variants]
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     if len(set(variants)) != len(variants) or ORIGINAL in variants:
         raise app.UsageError(f"--variants={variants}: list each change once, without 'original'.")
-    config = CONFIG.value
-    out = Path(_OUT.value).absolute()
+    config = FLAGS.config
+    out = Path(FLAGS.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     if config.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
@@ -326,7 +334,7 @@ def main(argv: list[str]) -> None:
     try:
         for seed in seeds:
             start = None
-            if _SHARE_START.value and seed != seeds[0]:
+            if FLAGS.share_start and seed != seeds[0]:
                 start = out / f"seed{seeds[0]}" / ORIGINAL
             if not run_seed(config, seed, variants, out, start):
                 log.warning("seed %d stopped before finishing; run again to resume", seed)
@@ -342,4 +350,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import msjax.cli.convert  # noqa: F401  (defines --out: importing the study beside it must work)
 from experiments import evidence
 from experiments.configs import demo
 from msjax.rl.config import loss_config
