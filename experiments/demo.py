@@ -480,12 +480,18 @@ def _graphdef(cfg):
     return abstract_model(cfg)[0]
 
 
-def main(argv: list[str]) -> None:
+def start_program(argv: list[str]) -> None:
+    """What every experiments program does first: refuse stray arguments, log progress at INFO
+    and the chatty libraries at WARNING."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "msjax.data.pipeline", "math_verify"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str]) -> None:
+    start_program(argv)
     config = flags.FLAGS.config
     if config.stop_after and config.stop_after not in STAGES:
         raise app.UsageError(f"--config.stop_after={config.stop_after!r}; choose one of {STAGES}.")

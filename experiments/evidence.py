@@ -47,7 +47,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from experiments.demo import Demo, config_flag, parse_variant, write_json
+from experiments.demo import Demo, config_flag, parse_variant, start_program, write_json
 from experiments.demo_report import METHOD_LABELS, aha_curve
 from msjax.evaluation import bootstrap_ci, k_curve
 from msjax.metrics import read_metrics
@@ -312,11 +312,7 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    for noisy in ("absl", "orbax", "jax._src", "msjax.data.pipeline", "math_verify"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    start_program(argv)
     if not all(s.isdigit() for s in FLAGS.seeds):
         raise app.UsageError(f"--seeds={FLAGS.seeds}: give non-negative integers, e.g. 0,1,2.")
     seeds = [int(s) for s in FLAGS.seeds]

@@ -15,7 +15,6 @@ AdamW on BCE; AUROC is measured on the held-out problems' steps against both tru
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import jax
@@ -25,7 +24,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
-from experiments.demo import Demo, config_flag, write_json
+from experiments.demo import Demo, config_flag, start_program, write_json
 from msjax import checkpoint as ckpt
 from msjax.data import token_step_labels
 from msjax.data.pipeline import as_text
@@ -118,11 +117,7 @@ def train_probe(x: np.ndarray, y: np.ndarray, steps: int, seed: int = 0) -> SPRM
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    for noisy in ("absl", "orbax", "jax._src", "msjax.data.pipeline", "math_verify"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    start_program(argv)
     demo = Demo(CONFIG.value)
     path = demo.paths.get(_MODEL.value, Path(_MODEL.value))
     if not ckpt.is_checkpoint_dir(path):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.demo import Demo, config_flag, parse_variant, write_json
+from experiments.demo import Demo, config_flag, parse_variant, start_program, write_json
 from msjax import checkpoint as ckpt
 from msjax.metrics import read_metrics
 
@@ -178,11 +178,7 @@ def plot(results: dict, k: int, path: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    for noisy in ("absl", "orbax", "jax._src", "msjax.data.pipeline", "math_verify"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    start_program(argv)
     try:
         variants = {v: parse_variant(v) for v in _VARIANTS.value}
     except ValueError as e:
