@@ -14,8 +14,10 @@ from msjax.data.pipeline import (
 )
 from msjax.data.sources import BuiltDataset, load_source
 from msjax.data.step_labels import (
+    STEP_ERRORS,
     StepLabels,
     TokenStepLabels,
+    first_error,
     label_step_texts,
     label_steps,
     split_steps,
@@ -40,6 +42,7 @@ from msjax.data.synthetic_tokenizer import build_synthetic_tokenizer
 
 __all__ = [
     "ERROR_KINDS",
+    "STEP_ERRORS",
     "BuiltDataset",
     "DataIterator",
     "Difficulty",
@@ -57,6 +60,7 @@ __all__ = [
     "build_synthetic_steps",
     "build_synthetic_tokenizer",
     "default_buckets",
+    "first_error",
     "flawed_solution",
     "generate_examples",
     "gold_response",

@@ -84,6 +84,41 @@ def label_step_texts(problem: str | Problem, steps: Sequence[str]) -> StepLabels
     return StepLabels(tuple(steps), tuple(local), tuple(track))
 
 
+STEP_ERRORS = ("format", "extra_step", "operand", "copy", "arithmetic", "missing_steps")
+
+
+def first_error(problem: str | Problem, response: str) -> tuple[int, str] | None:
+    """(step index, kind) of the first step of `response` that is not locally correct, or None
+    when every step is locally correct and there is one per operation (the chain is then right,
+    whatever the boxed answer says).
+
+    Kinds, checked in this order on a step: "format" (not "a op b = c"), "extra_step" (past the
+    problem's last operation), "operand" (another operator or operand than the problem's step i:
+    a skipped, repeated or misread operation), "copy" (a is not the previous step's c, or the
+    start value), "arithmetic" (c != a op b); "missing_steps" (index = the step count) when the
+    steps are right but fewer than the operations. "operand", "copy" and "arithmetic" are the
+    error kinds `msjax.data.flawed_solution` injects (`ERROR_KINDS`).
+    """
+    p = parse_problem(problem) if isinstance(problem, str) else problem
+    steps = split_steps(response)
+    own_prev: int | None = p.start
+    for i, text in enumerate(steps):
+        m = _STEP_RE.fullmatch(text)
+        if m is None:
+            return i, "format"
+        if i >= len(p.ops):
+            return i, "extra_step"
+        a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+        if (op, b) != p.ops[i]:
+            return i, "operand"
+        if a != own_prev:
+            return i, "copy"
+        if c != apply_op(a, op, b):
+            return i, "arithmetic"
+        own_prev = c
+    return (len(steps), "missing_steps") if len(steps) < len(p.ops) else None
+
+
 def split_steps(text: str) -> list[str]:
     """The step texts of a response (or prompt+response) text, by the text rule above."""
     lo = text.index(THINK_START) + len(THINK_START) if text.count(THINK_START) == 1 else 0

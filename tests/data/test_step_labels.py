@@ -4,13 +4,20 @@ import numpy as np
 import pytest
 
 from msjax.data.step_labels import (
+    first_error,
     label_step_texts,
     label_steps,
     split_steps,
     step_positions,
     token_step_labels,
 )
-from msjax.data.synthetic import Difficulty, flawed_solution, gold_solution, sample_problem
+from msjax.data.synthetic import (
+    ERROR_KINDS,
+    Difficulty,
+    flawed_solution,
+    gold_solution,
+    sample_problem,
+)
 from msjax.data.synthetic_tokenizer import build_synthetic_tokenizer
 from msjax.tokenizer import render_prompt
 
@@ -62,6 +69,36 @@ def test_error_cases_by_hand(response, local, track):
     labels = label_steps(PROBLEM, response + TAIL if response.endswith("\n\n") else response)
     assert labels.locally_correct == tuple(map(bool, local))
     assert labels.on_track == tuple(map(bool, track))
+
+
+def test_first_error_finds_every_injected_error():
+    rng = np.random.default_rng(0)
+    d = Difficulty(min_steps=2, max_steps=8, max_start=19, max_operand=9, max_value=29)
+    for _ in range(60):
+        problem = sample_problem(rng, d)
+        assert first_error(problem, gold_solution(problem)) is None
+        for kind in ERROR_KINDS:
+            step = int(rng.integers(len(problem.ops)))
+            flawed = flawed_solution(problem, step, kind, rng)
+            assert first_error(problem, flawed.text) == (step, kind)
+            # The same step as the first one the labels call locally wrong.
+            assert label_steps(problem, flawed.text).locally_correct.index(False) == step
+
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("7 + 5 = 12.\n\n12 * 3 = 36.\n\n" + TAIL, (2, "missing_steps")),
+        # the second operation skipped: step 1 uses the third one
+        ("7 + 5 = 12.\n\n12 - 4 = 8.\n\n" + TAIL, (1, "operand")),
+        ("7 + 5 = 12.\n\n13 * 3 = 39.\n\n39 - 4 = 35.\n\n" + TAIL, (1, "copy")),
+        ("7 + 5 = 12.\n\nso 12 * 3 = 36.\n\n36 - 4 = 32.\n\n" + TAIL, (1, "format")),
+        ("7 + 5 = 12.\n\n12 * 3 = 36.\n\n36 - 4 = 32.\n\n32 + 1 = 33.\n\n", (3, "extra_step")),
+        ("7 + 5 = 12.\n\n12 * 3 = 36.\n\n36 - 4 = 32.\n\n</think>\\boxed{31}", None),
+    ],
+)
+def test_first_error_by_hand(response, expected):
+    assert first_error(PROBLEM, response) == expected
 
 
 def test_split_rule_edges():
