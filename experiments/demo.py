@@ -45,6 +45,7 @@ from msjax.data import (
     SftPipeline,
     build_synthetic_steps,
     build_synthetic_tokenizer,
+    first_error,
     load_source,
     token_step_labels,
 )
@@ -378,6 +379,7 @@ class Demo:
             "mixed_problems": within[1],
             "step_auroc": roc_auc(step_s, step_l.get("on_track", [])),
             "step_auroc_local": roc_auc(step_s, step_l.get("locally_correct", [])),
+            "error_kinds": error_kinds(cands),
             "steps_scored": len(step_s),
             "steps_unmatched": unmatched,
             "tokens_generated": cands.tokens_generated,
@@ -472,6 +474,24 @@ class Demo:
 
         stages = {s: self.done(s) for s in STAGES[:-1]}
         return write_report(self.out, self.c, stages)
+
+
+def error_kinds(cands) -> dict[str, int]:
+    """How many wrong candidates have each first error (`msjax.data.first_error`'s kinds; "pruned"
+    for candidates pruned while sampling, "none" when every step is right but the answer is not,
+    e.g. a wrong box or a response cut at max_new_tokens after the last step)."""
+    counts: dict[str, int] = {}
+    for problem, choice, right in zip(cands.problems, cands.choices, cands.correct, strict=True):
+        for cand, ok in zip(choice.candidates, right, strict=True):
+            if ok:
+                continue
+            if cand.pruned:
+                kind = "pruned"
+            else:
+                err = first_error(problem, cand.response)
+                kind = err[1] if err else "none"
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _graphdef(cfg):

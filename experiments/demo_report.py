@@ -253,6 +253,9 @@ def markdown(report: dict, config) -> str:
             cells += ["", "", ""]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines.append("")
+    for key, when in (("error_kinds_before_rl", "before RL"), ("error_kinds", "after RL")):
+        kinds = ", ".join(f"{kind} {n}" for kind, n in report[key].items()) or "none"
+        lines.append(f"- Wrong candidates {when} by their first error: {kinds}.")
     for part, what in (("sft", "SFT data (gold vs flawed)"), ("rl", "RL rollouts")):
         a = report["aha"][part]
         sep = a["separation_step"]
@@ -303,6 +306,8 @@ def write_report(out: Path, config, stages: dict) -> dict:
         "k_curve": after["k_curve"],
         "k_curve_before_rl": before["k_curve"],
         "bon_vs_maj": after["bon_vs_maj"],
+        "error_kinds": after["error_kinds"],
+        "error_kinds_before_rl": before["error_kinds"],
         "tokens_curve": {
             "full": {
                 k: {

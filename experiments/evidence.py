@@ -145,6 +145,7 @@ def run_seed(
 
 def load_run(path: Path, k_max: int) -> dict:
     """A finished run's figures after RL and its per-problem accuracies {method: {k: f[P]}}."""
+    before = json.loads((path / "stages" / "eval_before.json").read_text())
     after = json.loads((path / "stages" / "eval_after.json").read_text())
     npz = np.load(path / "after.npz")
     per: dict[str, dict[int, np.ndarray]] = {}
@@ -157,6 +158,7 @@ def load_run(path: Path, k_max: int) -> dict:
     return {
         "per": per,
         "figures": {
+            "pass1_before_rl": before["pass1"],
             "pass1": after["pass1"],
             "bon": after["k_curve"]["bon"][k][0],
             "maj": after["k_curve"]["maj"][k][0],
@@ -230,15 +232,16 @@ def table(result: dict) -> str:
     """Markdown: per seed and variant, then pooled over seeds, then against the original."""
     k = result["k_max"]
     lines = [
-        f"| variant | seed | pass@1 | BoN@{k} | maj@{k} | weighted@{k} | BoN - maj @{k} "
-        "| step AUROC | traj AUROC (pooled / within) | aha step |",
+        f"| variant | seed | pass@1 before / after RL | BoN@{k} | maj@{k} | weighted@{k} "
+        f"| BoN - maj @{k} | step AUROC | traj AUROC (pooled / within) | aha step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v, by_seed in result["per_seed"].items():
         for s, f in by_seed.items():
             lines.append(
-                f"| {v} | {s} | {_pct(f['pass1'])} | {_pct(f['bon'])} | {_pct(f['maj'])} | "
-                f"{_pct(f['weighted'])} | {_ci(f['bon_vs_maj'], '+')} | {_auc(f['step_auroc'])} | "
+                f"| {v} | {s} | {_pct(f['pass1_before_rl'])} / {_pct(f['pass1'])} | "
+                f"{_pct(f['bon'])} | {_pct(f['maj'])} | {_pct(f['weighted'])} | "
+                f"{_ci(f['bon_vs_maj'], '+')} | {_auc(f['step_auroc'])} | "
                 f"{_auc(f['traj_auroc'])} / {_auc(f['traj_auroc_within'])} | "
                 f"{f['aha_separation_step']} |"
             )

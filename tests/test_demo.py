@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from msjax.data import STEP_ERRORS
+
 ROOT = Path(__file__).resolve().parents[1]
 KS = ("2", "8", "32")
 pytestmark = pytest.mark.expensive(minutes=5)
@@ -95,6 +97,10 @@ def test_report_k_curve_tokens_and_aha(demo_runs):
         assert by_k["1"][0] == pytest.approx(pass1), name
     assert all(v[0] == pytest.approx(pass1) for v in curve["random"].values())
     assert sorted(report["k_curve_before_rl"]["bon"], key=int) == ["1", "2", "4", "8", "16", "32"]
+    # every wrong candidate has one first error (msjax.data.first_error), or none / pruned
+    wrong = round((1 - pass1) * report["eval_problems"] * report["eval_k_max"])
+    assert sum(report["error_kinds"].values()) == wrong
+    assert set(report["error_kinds"]) <= {*STEP_ERRORS, "none", "pruned"}
     for k, (diff, low, high) in report["bon_vs_maj"].items():
         assert diff == pytest.approx(curve["bon"][k][0] - curve["maj"][k][0])
         assert -1.0 <= low <= diff <= high <= 1.0
@@ -233,6 +239,11 @@ def test_evidence_study_at_micro_scale(demo_runs, tmp_path):
             assert acc == pytest.approx(np.mean([f[name] for f in per_seed]))
             assert 0.0 <= low <= acc <= high <= 1.0
         assert curve["random"]["1"][0] == pytest.approx(np.mean([f["pass1"] for f in per_seed]))
+        # a variant starts RL from its seed's SFT: the same figures before RL
+        for s in ("0", "1"):
+            assert result["per_seed"][variant][s]["pass1_before_rl"] == pytest.approx(
+                result["per_seed"]["original"][s]["pass1_before_rl"]
+            )
     report0 = json.loads((out / "seed0" / "original" / "report.json").read_text())
     assert result["per_seed"]["original"]["0"]["bon"] == pytest.approx(report0["bon"]["32"])
     for variant, r in result["vs_original"].items():

@@ -9,7 +9,10 @@ Samples come from the checkpoint's own policy (config.eval.temperature): k per t
 and config.eval.k_max per held-out problem (the demo's evaluation problems). Features are the
 penultimate hidden states at the scored positions (the token before each step delimiter), read
 by one full forward pass. Each probe is msjax's SPRMHead (dropout 0.5, fresh init) trained with
-AdamW on BCE; AUROC is measured on the held-out problems' steps against both true labels.
+AdamW on BCE; AUROC is measured on the held-out problems' steps against both true labels. Each
+head (the checkpoint's own too) then ranks the held-out candidates by its trajectory scores (the
+geometric mean of its step scores): Best-of-N and majority at every k and the within-problem
+trajectory AUROC, i.e. how far Best-of-N gets with a head trained on the true labels.
 """
 
 from __future__ import annotations
@@ -28,8 +31,15 @@ from experiments.demo import Demo, config_flag, start_program, write_json
 from msjax import checkpoint as ckpt
 from msjax.data import token_step_labels
 from msjax.data.pipeline import as_text
-from msjax.evaluation import roc_auc, sample_candidates
+from msjax.evaluation import (
+    default_ks,
+    roc_auc,
+    sample_candidates,
+    scaling_metrics,
+    within_problem_auroc,
+)
 from msjax.models import SPRMHead
+from msjax.models.sprm import trajectory_score
 from msjax.tokenizer import render_prompt
 
 CONFIG = config_flag()
@@ -55,12 +65,13 @@ def step_features(demo: Demo, model, problems, golds, k: int, seed: int) -> dict
         sampler, nnx.state(model), demo.tokenizer, prompts, golds, k=k,
         key=jax.random.key(seed), batch_size=demo.c.eval.batch_size, problems=problems,
     )  # fmt: skip
-    rows, out = [], {name: [] for name in (*LABELS, "head")}
+    rows, out = [], {name: [] for name in (*LABELS, "head", "candidate")}
     for ch, prompt, problem, correct in zip(
         cands.choices, prompts, problems, cands.correct, strict=True
     ):
         for c, ok in zip(ch.candidates, correct, strict=True):
             lab = token_step_labels(demo.tokenizer, problem, prompt, c.tokens)
+            out["candidate"].append(np.full(len(lab.positions), len(rows)))
             rows.append((prompt + c.tokens, lab.positions))
             out["on_track"].append(lab.on_track)
             out["locally_correct"].append(lab.locally_correct)
@@ -87,7 +98,29 @@ def step_features(demo: Demo, model, problems, golds, k: int, seed: int) -> dict
         feats += [h[i][pos] for i, (_, pos) in enumerate(chunk)]
     result = {k: np.concatenate(v) for k, v in out.items()}
     result["features"] = np.concatenate(feats).astype(np.float32)
+    result["cands"] = cands
     return result
+
+
+def candidate_scores(candidate: np.ndarray, step_logits: np.ndarray, shape) -> np.ndarray:
+    """f32[P, k] trajectory scores (msjax.models.sprm.trajectory_score: the geometric mean of
+    the step scores, 0 without a step) from per-step logits f32[steps] and each step's candidate
+    index int[steps] (row-major in [P, k], steps of a candidate contiguous)."""
+    n_steps = np.bincount(candidate, minlength=int(np.prod(shape)))
+    logits = np.zeros((len(n_steps), max(int(n_steps.max()), 1)), np.float32)
+    first = np.concatenate([[0], np.cumsum(n_steps)[:-1]])
+    slot = np.arange(len(candidate)) - first[candidate]
+    mask = np.zeros(logits.shape, bool)
+    logits[candidate, slot], mask[candidate, slot] = step_logits, True
+    return np.asarray(trajectory_score(jnp.asarray(logits), jnp.asarray(mask))).reshape(shape)
+
+
+def best_of_n(cands, scores: np.ndarray) -> dict:
+    """BoN and majority at every k, and the within-problem trajectory AUROC, of the held-out
+    candidates ranked by trajectory scores f32[P, k]."""
+    metrics = scaling_metrics(cands.correct, scores, cands.answers, default_ks(scores.shape[1]))
+    auroc = within_problem_auroc(scores, cands.correct)[0]
+    return {"bon": metrics["bon"], "maj": metrics["maj"], "traj_auroc_within": auroc}
 
 
 def train_probe(x: np.ndarray, y: np.ndarray, steps: int, seed: int = 0) -> SPRMHead:
@@ -148,12 +181,15 @@ def main(argv: list[str]) -> None:
             "locally_correct": roc_auc(test["head"], test["locally_correct"]),
         },
     }
+    cands = test["cands"]
+    results["checkpoint_head"] |= best_of_n(cands, cands.scores)
     for name in LABELS:
         probe = train_probe(norm(train["features"]), train[name], _STEPS.value)
         scores = np.asarray(probe(jnp.asarray(norm(test["features"]))))
         results[f"probe_trained_on_{name}"] = {
             "on_track": roc_auc(scores, test["on_track"]),
             "locally_correct": roc_auc(scores, test["locally_correct"]),
+            **best_of_n(cands, candidate_scores(test["candidate"], scores, cands.scores.shape)),
         }
     write_json(Path(_OUT.value), results)
     print(json.dumps(results, indent=2))
