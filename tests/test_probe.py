@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from experiments.sweeps.probe import candidate_scores
+from experiments.sweeps.probe import candidate_scores, weakest_step_scores
 
 
 def test_candidate_scores_match_a_plain_geometric_mean():
@@ -12,10 +12,15 @@ def test_candidate_scores_match_a_plain_geometric_mean():
     candidate = np.repeat(np.arange(p * k), n_steps)
     logits = rng.normal(size=len(candidate)).astype(np.float32) * 3
     got = candidate_scores(candidate, logits, (p, k))
-    want = np.zeros(p * k)
+    want, weakest = np.zeros(p * k), np.zeros(p * k)
     for c in range(p * k):
         z = logits[candidate == c].astype(np.float64)
         if len(z):
-            want[c] = np.exp(np.mean(np.log(np.maximum(1 / (1 + np.exp(-z)), 1e-10))))
+            step = 1 / (1 + np.exp(-z))
+            want[c] = np.exp(np.mean(np.log(np.maximum(step, 1e-10))))
+            weakest[c] = step.min()
     np.testing.assert_allclose(got, want.reshape(p, k), rtol=1e-5)
     assert got.shape == (p, k) and (got.ravel()[n_steps == 0] == 0).all()
+    np.testing.assert_allclose(
+        weakest_step_scores(candidate, logits, (p, k)), weakest.reshape(p, k), rtol=1e-6
+    )

@@ -12,7 +12,8 @@ by one full forward pass. Each probe is msjax's SPRMHead (dropout 0.5, fresh ini
 AdamW on BCE; AUROC is measured on the held-out problems' steps against both true labels. Each
 head (the checkpoint's own too) then ranks the held-out candidates by its trajectory scores (the
 geometric mean of its step scores): Best-of-N and majority at every k and the within-problem
-trajectory AUROC, i.e. how far Best-of-N gets with a head trained on the true labels.
+trajectory AUROC, i.e. how far Best-of-N gets with a head trained on the true labels; for the
+probes also with a candidate scored by its weakest step instead ("weakest_step").
 """
 
 from __future__ import annotations
@@ -115,6 +116,15 @@ def candidate_scores(candidate: np.ndarray, step_logits: np.ndarray, shape) -> n
     return np.asarray(trajectory_score(jnp.asarray(logits), jnp.asarray(mask))).reshape(shape)
 
 
+def weakest_step_scores(candidate: np.ndarray, step_logits: np.ndarray, shape) -> np.ndarray:
+    """f32[P, k]: a candidate's lowest step score (0 without a step); an alternative to the
+    geometric mean that one wrong step cannot be averaged away from."""
+    scores = np.ones(int(np.prod(shape)))
+    np.minimum.at(scores, candidate, 1.0 / (1.0 + np.exp(-step_logits.astype(np.float64))))
+    scores[np.bincount(candidate, minlength=scores.size) == 0] = 0.0
+    return scores.reshape(shape)
+
+
 def best_of_n(cands, scores: np.ndarray) -> dict:
     """BoN and majority at every k, and the within-problem trajectory AUROC, of the held-out
     candidates ranked by trajectory scores f32[P, k]."""
@@ -190,6 +200,9 @@ def main(argv: list[str]) -> None:
             "on_track": roc_auc(scores, test["on_track"]),
             "locally_correct": roc_auc(scores, test["locally_correct"]),
             **best_of_n(cands, candidate_scores(test["candidate"], scores, cands.scores.shape)),
+            "weakest_step": best_of_n(
+                cands, weakest_step_scores(test["candidate"], scores, cands.scores.shape)
+            ),
         }
     write_json(Path(_OUT.value), results)
     print(json.dumps(results, indent=2))
