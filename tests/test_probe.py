@@ -2,6 +2,9 @@
 
 import numpy as np
 
+import msjax.cli.convert  # noqa: F401  (defines --out)
+import msjax.cli.infer  # noqa: F401  (defines --model: the sweeps must import beside the CLIs)
+from experiments.sweeps import spr_threshold  # noqa: F401
 from experiments.sweeps.probe import candidate_scores, weakest_step_scores
 
 

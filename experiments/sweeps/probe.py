@@ -43,12 +43,7 @@ from msjax.models import SPRMHead
 from msjax.models.sprm import trajectory_score
 from msjax.tokenizer import render_prompt
 
-CONFIG = config_flag()
-_MODEL = flags.DEFINE_string("model", "sft", "'sft', 'rl' (the demo's) or a checkpoint dir.")
-_TRAIN = flags.DEFINE_integer("train_problems", 512, "Training problems for the probes.")
-_K = flags.DEFINE_integer("k", 8, "Samples per training problem.")
-_STEPS = flags.DEFINE_integer("steps", 3000, "Probe optimizer steps.")
-_OUT = flags.DEFINE_string("out", "probe.json", "Where to write the results.")
+FLAGS = flags.FLAGS
 LABELS = ("on_track", "locally_correct", "outcome")
 
 
@@ -161,20 +156,20 @@ def train_probe(x: np.ndarray, y: np.ndarray, steps: int, seed: int = 0) -> SPRM
 
 def main(argv: list[str]) -> None:
     start_program(argv)
-    demo = Demo(CONFIG.value)
-    path = demo.paths.get(_MODEL.value, Path(_MODEL.value))
+    demo = Demo(FLAGS.config)
+    path = demo.paths.get(FLAGS.model, Path(FLAGS.model))
     if not ckpt.is_checkpoint_dir(path):
         raise app.UsageError(f"{path} is not an msjax checkpoint; run the demo first.")
     model, _ = ckpt.load_model(path)
     src = demo.source("train")
-    n = min(_TRAIN.value, len(src))
+    n = min(FLAGS.train_problems, len(src))
     train_recs = [src[i] for i in range(n)]
     train = step_features(
         demo,
         model,
         [as_text(r["problem"]) for r in train_recs],
         [as_text(r["answer"]) for r in train_recs],
-        _K.value,
+        FLAGS.k,
         seed=0,
     )
     problems, golds, _ = demo.eval_problems()
@@ -194,7 +189,7 @@ def main(argv: list[str]) -> None:
     cands = test["cands"]
     results["checkpoint_head"] |= best_of_n(cands, cands.scores)
     for name in LABELS:
-        probe = train_probe(norm(train["features"]), train[name], _STEPS.value)
+        probe = train_probe(norm(train["features"]), train[name], FLAGS.steps)
         scores = np.asarray(probe(jnp.asarray(norm(test["features"]))))
         results[f"probe_trained_on_{name}"] = {
             "on_track": roc_auc(scores, test["on_track"]),
@@ -204,9 +199,21 @@ def main(argv: list[str]) -> None:
                 cands, weakest_step_scores(test["candidate"], scores, cands.scores.shape)
             ),
         }
-    write_json(Path(_OUT.value), results)
+    write_json(Path(FLAGS.out), results)
     print(json.dumps(results, indent=2))
 
 
+def define_flags() -> None:
+    """The probe's flags (defined only when run as a program: absl has one flag registry per
+    process, and msjax's CLIs define --model and --out too)."""
+    config_flag()
+    flags.DEFINE_string("model", "sft", "'sft', 'rl' (the demo's) or a checkpoint dir.")
+    flags.DEFINE_integer("train_problems", 512, "Training problems for the probes.")
+    flags.DEFINE_integer("k", 8, "Samples per training problem.")
+    flags.DEFINE_integer("steps", 3000, "Probe optimizer steps.")
+    flags.DEFINE_string("out", "probe.json", "Where to write the results.")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -31,14 +31,7 @@ from msjax import checkpoint as ckpt
 from msjax.metrics import read_metrics
 
 log = logging.getLogger("sweep")
-CONFIG = config_flag()
-_OUT = flags.DEFINE_string("out", "demo_out/sweep", "Output folder.")
-_VARIANTS = flags.DEFINE_list(
-    "variants", ["bce", "spr:0.3", "spr:0.4", "spr:0.5", "spr:0.6", "spr:0.7"], "Loss variants."
-)
-_HEAD = flags.DEFINE_enum("head", "warm", ["warm", "cold"], "SPRM head of the common start.")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "RL steps between evaluated checkpoints.")
-_EVAL_K = flags.DEFINE_integer("eval_k", 8, "Samples per held-out problem.")
+FLAGS = flags.FLAGS
 
 
 def cold_start(sft_dir: Path, out: Path, seed: int) -> Path:
@@ -180,10 +173,10 @@ def plot(results: dict, k: int, path: Path) -> None:
 def main(argv: list[str]) -> None:
     start_program(argv)
     try:
-        variants = {v: parse_variant(v) for v in _VARIANTS.value}
+        variants = {v: parse_variant(v) for v in FLAGS.variants}
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    config = CONFIG.value
+    config = FLAGS.config
     demo = Demo(config)
     sft = demo.paths["sft"]
     if not ckpt.is_checkpoint_dir(sft):
@@ -191,9 +184,9 @@ def main(argv: list[str]) -> None:
             f"{sft} holds no SFT checkpoint; run `python -m experiments.demo "
             "--config.stop_after=sft` (same --config) first."
         )
-    out = Path(_OUT.value).absolute() / _HEAD.value
-    init = sft if _HEAD.value == "warm" else cold_start(sft, out / "init_cold", config.seed)
-    k, every = _EVAL_K.value, _EVAL_EVERY.value
+    out = Path(FLAGS.out).absolute() / FLAGS.head
+    init = sft if FLAGS.head == "warm" else cold_start(sft, out / "init_cold", config.seed)
+    k, every = FLAGS.eval_k, FLAGS.eval_every
     start = evaluate_step(demo, out / "evals" / "start.json", init, ckpt.latest_step(init), k)
     start = {**start, "step": 0}
     results = {}
@@ -223,5 +216,18 @@ def _saved_steps(workdir: Path) -> list[int]:
         return list(m.all_steps())
 
 
+def define_flags() -> None:
+    """The sweep's flags (defined only when run as a program, as the demo's)."""
+    config_flag()
+    flags.DEFINE_string("out", "demo_out/sweep", "Output folder.")
+    flags.DEFINE_list(
+        "variants", ["bce", "spr:0.3", "spr:0.4", "spr:0.5", "spr:0.6", "spr:0.7"], "Loss variants."
+    )
+    flags.DEFINE_enum("head", "warm", ["warm", "cold"], "SPRM head of the common start.")
+    flags.DEFINE_integer("eval_every", 10, "RL steps between evaluated checkpoints.")
+    flags.DEFINE_integer("eval_k", 8, "Samples per held-out problem.")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
