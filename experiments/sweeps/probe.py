@@ -47,9 +47,10 @@ FLAGS = flags.FLAGS
 LABELS = ("on_track", "locally_correct", "outcome")
 
 
-def step_features(demo: Demo, model, problems, golds, k: int, seed: int) -> dict[str, np.ndarray]:
+def step_features(demo: Demo, model, problems, golds, k: int, seed: int) -> dict:
     """Penultimate features f32[steps, C] at every labelled step of k samples per problem, with
-    the labels (bool[steps] each) and the checkpoint's own head score."""
+    the labels (bool[steps] each), the checkpoint's own head score, each step's candidate index
+    ("candidate", int[steps], row-major in [problems, k]) and the samples ("cands")."""
     d = demo.c.data
     prompts = [
         demo.tokenizer.encode(render_prompt(p, d.template, d.suffix or None)) for p in problems
