@@ -101,6 +101,12 @@ def plot_accuracy_vs_tokens(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _density(ax, values: np.ndarray, bins, label: str) -> None:
+    """A normalised histogram of `values`, left out when there are none (an empty class)."""
+    if len(values):
+        ax.hist(values, bins, alpha=0.6, label=f"{label} ({len(values)})", density=True)
+
+
 def plot_score_histograms(npz: Path, path: Path) -> None:
     plt = _plt()
     d = np.load(npz)
@@ -108,15 +114,13 @@ def plot_score_histograms(npz: Path, path: Path) -> None:
     bins = np.linspace(0, 1, 26)
     correct = d["correct"].ravel()
     traj = d["traj_scores"].ravel()
-    axes[0].hist(traj[correct], bins, alpha=0.6, label=f"correct ({correct.sum()})", density=True)
-    axes[0].hist(traj[~correct], bins, alpha=0.6, label=f"wrong ({(~correct).sum()})", density=True)
+    _density(axes[0], traj[correct], bins, "correct")
+    _density(axes[0], traj[~correct], bins, "wrong")
     axes[0].set_title("trajectory score (geometric mean of steps)")
     if "step_on_track" in d:
         on, s = d["step_on_track"], d["step_scores"]
-        axes[1].hist(s[on], bins, alpha=0.6, label=f"on-track steps ({on.sum()})", density=True)
-        axes[1].hist(
-            s[~on], bins, alpha=0.6, label=f"off-track steps ({(~on).sum()})", density=True
-        )
+        _density(axes[1], s[on], bins, "on-track steps")
+        _density(axes[1], s[~on], bins, "off-track steps")
     axes[1].set_title("step score vs TRUE step label")
     for ax in axes:
         ax.set_xlabel("SPRM score")
@@ -254,8 +258,9 @@ def markdown(report: dict, config) -> str:
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines.append("")
     for key, when in (("error_kinds_before_rl", "before RL"), ("error_kinds", "after RL")):
-        kinds = ", ".join(f"{kind} {n}" for kind, n in report[key].items()) or "none"
-        lines.append(f"- Wrong candidates {when} by their first error: {kinds}.")
+        if report[key] is not None:
+            kinds = ", ".join(f"{kind} {n}" for kind, n in report[key].items()) or "none"
+            lines.append(f"- Wrong candidates {when} by their first error: {kinds}.")
     for part, what in (("sft", "SFT data (gold vs flawed)"), ("rl", "RL rollouts")):
         a = report["aha"][part]
         sep = a["separation_step"]
@@ -306,8 +311,9 @@ def write_report(out: Path, config, stages: dict) -> dict:
         "k_curve": after["k_curve"],
         "k_curve_before_rl": before["k_curve"],
         "bon_vs_maj": after["bon_vs_maj"],
-        "error_kinds": after["error_kinds"],
-        "error_kinds_before_rl": before["error_kinds"],
+        # absent from evaluations written before the key existed (a run resumed across versions)
+        "error_kinds": after.get("error_kinds"),
+        "error_kinds_before_rl": before.get("error_kinds"),
         "tokens_curve": {
             "full": {
                 k: {

@@ -79,6 +79,25 @@ def test_report_has_every_key_with_sane_values(demo_runs):
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "score_module.pt").is_file()
 
 
+def test_report_of_evaluations_without_error_kinds(demo_runs, tmp_path):
+    """A run resumed across versions: its evaluations predate the error-kind counts."""
+    from experiments.configs import demo
+    from experiments.demo import STAGES
+    from experiments.demo_report import write_report
+
+    out = tmp_path / "run"
+    shutil.copytree(demo_runs[0], out, ignore=shutil.ignore_patterns("hf", "jax_cache"))
+    stages = {}
+    for name in STAGES[:-1]:
+        stage = json.loads((out / "stages" / f"{name}.json").read_text())
+        stage.pop("error_kinds", None)
+        stages[name] = stage
+    report = write_report(out, demo.get_config("micro"), stages)
+    assert report["error_kinds"] is None and report["error_kinds_before_rl"] is None
+    assert "by their first error" not in (out / "report.md").read_text()
+    assert "by their first error" in (demo_runs[0] / "report.md").read_text()
+
+
 def test_report_k_curve_tokens_and_aha(demo_runs):
     out = demo_runs[0]
     report = json.loads((out / "report.json").read_text())
