@@ -70,18 +70,33 @@ def label_step_texts(problem: str | Problem, steps: Sequence[str]) -> StepLabels
     local, track = [], []
     for i, text in enumerate(steps):
         m = _STEP_RE.fullmatch(text)
-        if m is None or i >= len(p.ops):
-            local.append(False)
-            track.append(False)
-            own_prev = int(m.group(4)) if m else None
-            continue
-        a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-        op_i, b_i = p.ops[i]
-        follows = op == op_i and b == b_i
-        local.append(follows and a == own_prev and c == apply_op(a, op, b))
-        track.append(follows and a == gold_prev[i] and c == p.values[i])
-        own_prev = c
+        local.append(_step_error(p, i, m, own_prev) is None)
+        gold = (gold_prev[i], *p.ops[i], p.values[i]) if i < len(p.ops) else None
+        track.append(m is not None and _fields(m) == gold)
+        own_prev = int(m.group(4)) if m else None
     return StepLabels(tuple(steps), tuple(local), tuple(track))
+
+
+def _fields(m: re.Match) -> tuple[int, str, int, int]:
+    """(a, op, b, c) of a step matched by _STEP_RE."""
+    return int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+
+
+def _step_error(p: Problem, i: int, m: re.Match | None, own_prev: int | None) -> str | None:
+    """Why step i (its _STEP_RE match, None when it does not parse) is not locally correct given
+    the response's previous value `own_prev`, or None when it is (kinds: see first_error)."""
+    if m is None:
+        return "format"
+    if i >= len(p.ops):
+        return "extra_step"
+    a, op, b, c = _fields(m)
+    if (op, b) != p.ops[i]:
+        return "operand"
+    if a != own_prev:
+        return "copy"
+    if c != apply_op(a, op, b):
+        return "arithmetic"
+    return None
 
 
 STEP_ERRORS = ("format", "extra_step", "operand", "copy", "arithmetic", "missing_steps")
@@ -104,18 +119,9 @@ def first_error(problem: str | Problem, response: str) -> tuple[int, str] | None
     own_prev: int | None = p.start
     for i, text in enumerate(steps):
         m = _STEP_RE.fullmatch(text)
-        if m is None:
-            return i, "format"
-        if i >= len(p.ops):
-            return i, "extra_step"
-        a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-        if (op, b) != p.ops[i]:
-            return i, "operand"
-        if a != own_prev:
-            return i, "copy"
-        if c != apply_op(a, op, b):
-            return i, "arithmetic"
-        own_prev = c
+        if kind := _step_error(p, i, m, own_prev):
+            return i, kind
+        own_prev = int(m.group(4))
     return (len(steps), "missing_steps") if len(steps) < len(p.ops) else None
 
 
