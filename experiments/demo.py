@@ -240,6 +240,13 @@ class Demo:
             shard_index=0,
             shard_count=1,
         )
+        if pipeline.stats["too_long"]:
+            log.warning(
+                "SFT: %d of %d examples are longer than sft.max_len=%d and are skipped",
+                pipeline.stats["too_long"],
+                pipeline.stats["examples"],
+                s.max_len,
+            )
         batches = iter(pipeline)
         model = create_model(cfg, seed=self.c.seed)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -306,7 +313,10 @@ class Demo:
         shutil.rmtree(self.paths["sft"], ignore_errors=True)
         os.replace(tmp, self.paths["sft"])
         last = history[-1]
-        return {k: last[k] for k in ("ce", "score_correct", "score_wrong") if k in last}
+        return {
+            **{k: last[k] for k in ("ce", "score_correct", "score_wrong") if k in last},
+            "data": pipeline.stats,
+        }
 
     def _sampler(self, cfg, *, temperature: float, max_new_tokens: int, prune=None, scores=True):
         return Sampler(

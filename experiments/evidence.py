@@ -28,10 +28,11 @@ evaluation before RL (only the RL stage and the evaluation after it are seeded):
 a change that only acts in RL.
 
 Every finished stage is kept, so an interrupted study resumes. Results: out/results.json (per
-seed, pooled over seeds with 95% intervals over seeds and problems, each variant against the
-original on the same seeds), out/table.md and out/k_curve.png. A change becomes the recommended
-default only if it wins on every seed: its BoN@k_max is above the original's by a margin the
-seed's paired 95% interval over problems supports (the interval's lower end above 0).
+seed, pooled over seeds with 95% intervals over seeds and problems: the k-curves, BoN and the
+SPRM-weighted vote each against majority; each variant against the original on the same seeds),
+out/table.md and out/k_curve.png. A change becomes the recommended default only if it wins on
+every seed: its BoN@k_max is above the original's by a margin the seed's paired 95% interval
+over problems supports (the interval's lower end above 0).
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ def load_run(path: Path, k_max: int) -> dict:
             "maj": after["k_curve"]["maj"][k][0],
             "weighted": after["k_curve"]["weighted"][k][0],
             "bon_vs_maj": after["bon_vs_maj"][k],
+            # the paired difference per problem, bootstrapped over problems (as bon_vs_maj)
+            "weighted_vs_maj": bootstrap_ci(per["weighted"][k_max] - per["maj"][k_max]),
             "step_auroc": after["step_auroc"],
             "traj_auroc": after["traj_auroc"],
             "traj_auroc_within": after["traj_auroc_within"],
@@ -195,10 +198,13 @@ def summarize(out: Path, seeds: list[int], variants: list[str], k_max: int) -> d
     result["k_curve"] = {
         v: k_curve({m: {k: stack(v, m, k) for k in ks} for m in methods}) for v in names
     }
-    result["bon_vs_maj"] = {
-        v: {str(k): bootstrap_ci(stack(v, "bon", k) - stack(v, "maj", k)) for k in ks}
-        for v in names
-    }
+    result["bon_vs_maj"], result["weighted_vs_maj"] = (
+        {
+            v: {str(k): bootstrap_ci(stack(v, method, k) - stack(v, "maj", k)) for k in ks}
+            for v in names
+        }
+        for method in ("bon", "weighted")
+    )
     base = stack(ORIGINAL, "bon", k_max)
     result["vs_original"] = {}
     for v in variants:
@@ -233,15 +239,17 @@ def table(result: dict) -> str:
     k = result["k_max"]
     lines = [
         f"| variant | seed | pass@1 before / after RL | BoN@{k} | maj@{k} | weighted@{k} "
-        f"| BoN - maj @{k} | step AUROC | traj AUROC (pooled / within) | aha step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| BoN - maj @{k} | weighted - maj @{k} | step AUROC | traj AUROC (pooled / within) "
+        "| aha step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v, by_seed in result["per_seed"].items():
         for s, f in by_seed.items():
             lines.append(
                 f"| {v} | {s} | {_pct(f['pass1_before_rl'])} / {_pct(f['pass1'])} | "
                 f"{_pct(f['bon'])} | {_pct(f['maj'])} | {_pct(f['weighted'])} | "
-                f"{_ci(f['bon_vs_maj'], '+')} | {_auc(f['step_auroc'])} | "
+                f"{_ci(f['bon_vs_maj'], '+')} | {_ci(f['weighted_vs_maj'], '+')} | "
+                f"{_auc(f['step_auroc'])} | "
                 f"{_auc(f['traj_auroc'])} / {_auc(f['traj_auroc_within'])} | "
                 f"{f['aha_separation_step']} |"
             )
@@ -259,8 +267,9 @@ def table(result: dict) -> str:
         for m in ("bon", "maj", "weighted", "random"):
             cells = [_ci(curve[m][str(x)]) for x in ks]
             lines.append(f"| {v} | {m} | " + " | ".join(cells) + " |")
-        diff = [_ci(result["bon_vs_maj"][v][str(x)], "+") for x in ks]
-        lines.append(f"| {v} | BoN - maj | " + " | ".join(diff) + " |")
+        for key, name in (("bon_vs_maj", "BoN - maj"), ("weighted_vs_maj", "weighted - maj")):
+            diff = [_ci(result[key][v][str(x)], "+") for x in ks]
+            lines.append(f"| {v} | {name} | " + " | ".join(diff) + " |")
     lines += ["", f"Against the original rule, BoN@{k} difference in points:", ""]
     for v, r in result.get("vs_original", {}).items():
         seeds = ", ".join(f"seed {s}: {_ci(d, '+')}" for s, d in r["bon_diff_per_seed"].items())
