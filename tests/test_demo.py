@@ -77,6 +77,9 @@ def test_report_has_every_key_with_sane_values(demo_runs):
     md = (out / "report.md").read_text()
     assert "pass@1 before RL" in md and "| 32 (high) |" in md and "BoN - majority" in md
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "score_module.pt").is_file()
+    # every SFT example fits the micro recipe's max_len: none skipped
+    sft = json.loads((out / "stages" / "sft.json").read_text())
+    assert sft["data"]["examples"] == 128 and sft["data"]["too_long"] == 0
 
 
 def test_report_of_evaluations_without_error_kinds(demo_runs, tmp_path):
@@ -258,6 +261,12 @@ def test_evidence_study_at_micro_scale(demo_runs, tmp_path):
             assert acc == pytest.approx(np.mean([f[name] for f in per_seed]))
             assert 0.0 <= low <= acc <= high <= 1.0
         assert curve["random"]["1"][0] == pytest.approx(np.mean([f["pass1"] for f in per_seed]))
+        for method in ("bon", "weighted"):
+            diff, low, high = result[f"{method}_vs_maj"][variant]["32"]
+            assert diff == pytest.approx(curve[method]["32"][0] - curve["maj"]["32"][0])
+            assert -1.0 <= low <= diff <= high <= 1.0
+            for f in per_seed:
+                assert f[f"{method}_vs_maj"][0] == pytest.approx(f[method] - f["maj"])
         # a variant starts RL from its seed's SFT: the same figures before RL
         for s in ("0", "1"):
             assert result["per_seed"][variant][s]["pass1_before_rl"] == pytest.approx(
@@ -280,7 +289,8 @@ def test_evidence_study_at_micro_scale(demo_runs, tmp_path):
     assert (out / "k_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_hard_recipe_fits_its_problems():
+@pytest.mark.parametrize("variant", ["", "long"])
+def test_hard_recipe_fits_its_problems(variant):
     """Every drawn problem's prompt and gold response fit the hard recipe's length limits (a
     truncated gold solution could never be generated, nor trained on)."""
     from experiments.configs import demo_hard
@@ -288,7 +298,7 @@ def test_hard_recipe_fits_its_problems():
     from msjax.data.synthetic import gold_solution, sample_problem
     from msjax.tokenizer import render_prompt
 
-    c = demo_hard.get_config()
+    c = demo_hard.get_config(variant)
     t = c.task
     d = Difficulty(t.min_steps, t.max_steps, t.max_start, t.max_operand, t.max_value, t.ops)
     tok = build_synthetic_tokenizer(None, vocab_size=c.model.vocab_size)
