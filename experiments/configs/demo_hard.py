@@ -6,7 +6,7 @@
 Same stages and report as `make demo` (experiments/configs/demo.py), with the difficulty set by
 what the policy imitates rather than by what it can learn: the demo's task and model, but 60% of
 the SFT solutions carry one arithmetic slip (the demo: 30%) and a longer SFT phase 2, so that
-every seed's policy converges on that mix (pass@1 before RL near 50%, where the demo's is 76%);
+every seed's policy converges on that mix (pass@1 before RL 42-53% on three seeds; the demo's: 76%);
 then a short, gentle RL stage (20 steps at a quarter of the demo's policy learning rate) that
 lifts pass@1 without erasing the slips. Evaluation: 256 held-out problems x 32 samples, before
 and after RL, so that the k-curve intervals are a few points wide. docs/experiments.md (section
