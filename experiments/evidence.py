@@ -198,13 +198,11 @@ def summarize(out: Path, seeds: list[int], variants: list[str], k_max: int) -> d
     result["k_curve"] = {
         v: k_curve({m: {k: stack(v, m, k) for k in ks} for m in methods}) for v in names
     }
-    result["bon_vs_maj"], result["weighted_vs_maj"] = (
-        {
+    for method in ("bon", "weighted"):
+        result[f"{method}_vs_maj"] = {
             v: {str(k): bootstrap_ci(stack(v, method, k) - stack(v, "maj", k)) for k in ks}
             for v in names
         }
-        for method in ("bon", "weighted")
-    )
     base = stack(ORIGINAL, "bon", k_max)
     result["vs_original"] = {}
     for v in variants:
